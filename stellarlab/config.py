@@ -1,0 +1,30 @@
+"""Hydra glue: the `run_id` resolver for unique run folders and instantiation of named groups."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def new_run_id() -> str:
+    """`<date>_<time>_<6 random hex>`: sortable by start time, and two runs in one second never collide."""
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
+def register_resolvers() -> None:
+    # use_cache: one value per config object, so every use of ${run_id:} in a run agrees.
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", new_run_id, use_cache=True)
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate every entry of a `callbacks`/`logger` group; entries set to null are skipped."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+register_resolvers()

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk to run in seconds on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import stellarlab.config  # noqa: F401  (registers the run_id resolver)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+# A survey small enough to generate in a few seconds and train on in a few more.
+TINY = [
+    "data.n_stars=600",
+    "data.split=[0.7,0.15,0.15]",
+    "data.batch_size=32",
+    "data.eval_batch_size=256",
+    "trainer.max_epochs=20",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=5",
+    "~callbacks.progress_bar",
+    "callbacks.early_stopping.patience=20",
+]
+
+
+def compose_config(overrides=(), tmp_path: Path | None = None, cache_dir: Path | None = None) -> DictConfig:
+    """The config `python train.py <overrides>` would run, with its folders moved under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    if tmp_path is not None:
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.log_dir = str(tmp_path / "outputs")
+            cfg.paths.cache_dir = str(cache_dir or tmp_path / "cache")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def survey_cache(tmp_path_factory) -> Path:
+    """One cache folder for the whole session, so each tiny survey is generated once."""
+    return tmp_path_factory.mktemp("survey-cache")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, survey_cache):
+    def make(*overrides: str) -> DictConfig:
+        return compose_config([*TINY, *overrides], tmp_path=tmp_path, cache_dir=survey_cache)
+
+    return make

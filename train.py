@@ -1,0 +1,106 @@
+"""Train a model on stellar spectra.
+
+    python train.py                                   # MLP on the built-in synthetic APOGEE survey
+    python train.py model=cnn trainer.accelerator=mps # any group option, any override
+    python train.py -m model=linear,mlp,cnn           # Hydra multirun: one folder per job
+
+Seeds, builds data, model and trainer from the config, fits, tests the best checkpoint, prints the
+test metrics per label in physical units and writes them to `<run folder>/metrics.json`.
+Returns the best validation value (`optimized_metric`) for sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stellarlab.config import instantiate_group, register_resolvers
+from stellarlab.errors import ConfigError, StellarlabError
+
+log = logging.getLogger("stellarlab.train")
+register_resolvers()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job described by `cfg`; returns the summary also written to metrics.json."""
+    import pytorch_lightning as pl
+    import torch
+
+    from stellarlab.devices import check_trainer_config
+    from stellarlab.hparams import log_hyperparameters
+    from stellarlab.reports import print_metrics, write_json_atomic
+
+    output_dir = Path(cfg.paths.output_dir)
+    device = check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")
+    if cfg.get("seed") is not None:  # seed=0 is a seed: test for None, not truthiness
+        pl.seed_everything(int(cfg.seed), workers=True)
+
+    log.info("run folder: %s", output_dir)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = hydra.utils.instantiate(
+        cfg.model,
+        **datamodule.model_spec(),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.get("scheduler"),
+        wavelength=torch.from_numpy(datamodule.wavelength).float(),
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False)
+    log_hyperparameters(trainer.loggers, cfg, model.n_parameters, datamodule.label_names)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.optimized_metric not in fit_metrics:
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric} was never logged; logged metrics: {sorted(fit_metrics)}"
+        )
+
+    summary = {
+        "run_dir": str(output_dir),
+        "optimized_metric": cfg.optimized_metric,
+        "best_value": fit_metrics[cfg.optimized_metric],
+        "best_val_loss": model.best_val_loss,
+        "epochs": trainer.current_epoch,
+        "train_seconds": train_seconds,
+        "n_parameters": model.n_parameters,
+        "label_names": list(datamodule.label_names),
+        "split_sizes": {k: int(len(v)) for k, v in datamodule.split_index.items()},
+    }
+    checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    summary["best_checkpoint"] = checkpoint
+    if cfg.get("test") and len(datamodule.split_index["test"]):
+        trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        summary["test_loss"] = model.test_results["loss"]
+        summary["test"] = model.test_results["metrics"]
+        print_metrics(summary["test"], title=f"test metrics ({len(datamodule.split_index['test'])} spectra)")
+
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "metrics.json", summary)
+        log.info("wrote %s; compare runs with: tensorboard --logdir %s", output_dir / "metrics.json", cfg.paths.log_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        summary = train(cfg)
+    except StellarlabError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return float(summary["best_value"])
+
+
+if __name__ == "__main__":
+    main()
