@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> dict:
         **datamodule.model_spec(),
         optimizer=cfg.optimizer,
         scheduler=cfg.get("scheduler"),
-        wavelength=torch.from_numpy(datamodule.wavelength).float(),
+        wavelength=torch.tensor(datamodule.wavelength, dtype=torch.float32),
     )
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False)

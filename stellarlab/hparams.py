@@ -29,15 +29,14 @@ def _flatten(prefix: str, node, out: dict) -> None:
 
 def hparams_from_config(cfg: DictConfig, n_parameters: int) -> dict:
     """Flat {'model/hidden_sizes': '[256, 128]', 'optimizer/lr': 0.001, ...} of the settings that define a run."""
-    container = OmegaConf.to_container(cfg, resolve=True)
     out: dict = {}
     for group in GROUPS:
-        node = container.get(group)
+        node = OmegaConf.to_container(cfg[group], resolve=True) if cfg.get(group) is not None else None
         if isinstance(node, dict):
             out[f"{group}/name"] = node.get("_target_", "none").rsplit(".", 1)[-1]
         _flatten(group, node, out)
-    out["trainer/max_epochs"] = container["trainer"].get("max_epochs")
-    out["trainer/precision"] = str(container["trainer"].get("precision"))
+    out["trainer/max_epochs"] = cfg.trainer.get("max_epochs")
+    out["trainer/precision"] = str(cfg.trainer.get("precision"))
     out["seed"] = "none" if cfg.get("seed") is None else cfg.seed
     out["model/n_parameters"] = int(n_parameters)
     return out

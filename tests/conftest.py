@@ -54,7 +54,10 @@ def survey_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, survey_cache):
-    def make(*overrides: str) -> DictConfig:
-        return compose_config([*TINY, *overrides], tmp_path=tmp_path, cache_dir=survey_cache)
+    def make(*overrides: str, run_name: str = "run") -> DictConfig:
+        cfg = compose_config([*TINY, *overrides], tmp_path=tmp_path, cache_dir=survey_cache)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / run_name)
+        return cfg
 
     return make

@@ -1,0 +1,94 @@
+"""SpectraDataModule: tensors once, bad pixels harmless, NaN labels kept for masking, train-only scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stellarlab.data import SpectraArrays, SpectraDataModule
+from stellarlab.errors import ConfigError, DataError
+
+
+class ArraysDataModule(SpectraDataModule):
+    """A DataModule over arrays the test makes."""
+
+    def __init__(self, arrays: SpectraArrays, **kwargs):
+        super().__init__(**kwargs)
+        self.arrays = arrays
+
+    def load_arrays(self) -> SpectraArrays:
+        return self.arrays
+
+
+def make_arrays(n=200, p=50, seed=0) -> SpectraArrays:
+    rng = np.random.default_rng(seed)
+    labels = np.column_stack([rng.normal(5000, 500, n), rng.normal(3, 1, n), rng.normal(-0.2, 0.3, n)]).astype(np.float32)
+    flux = (1 - 0.1 * rng.random((n, p))).astype(">f8")  # big-endian float64, as FITS files deliver
+    weight = np.full((n, p), 1e4)
+    return SpectraArrays(flux, weight, labels, ["teff", "logg", "fe_h"], np.arange(n) // 2, np.linspace(15100, 17000, p))
+
+
+def test_bad_pixels_become_continuum_with_zero_weight():
+    a = make_arrays()
+    a.flux[3, 5] = np.nan
+    a.flux[4, 6] = np.inf
+    a.weight[5, 7] = 0.0
+    a.weight[6, 8] = np.nan
+    dm = ArraysDataModule(a, split=[0.6, 0.2, 0.2], batch_size=16)
+    dm.setup()
+    for t in dm.tensors.values():
+        assert t["flux"].dtype == torch.float32 and t["flux"].is_contiguous()
+        assert torch.isfinite(t["flux"]).all() and torch.isfinite(t["weight"]).all()
+    flux = torch.cat([dm.tensors[s]["flux"] for s in dm.tensors])
+    weight = torch.cat([dm.tensors[s]["weight"] for s in dm.tensors])
+    assert int((weight == 0).sum()) == 4
+    assert torch.all(flux[weight == 0] == 1.0)
+
+
+def test_missing_labels_stay_nan_and_rows_without_labels_are_dropped():
+    a = make_arrays()
+    a.labels[10, 1] = np.nan
+    a.labels[11, :] = np.nan
+    dm = ArraysDataModule(a, split=[0.6, 0.2, 0.2], batch_size=16)
+    dm.setup()
+    total = sum(len(i) for i in dm.split_index.values())
+    assert total == 199
+    nan_count = sum(int(torch.isnan(t["labels"]).sum()) for t in dm.tensors.values())
+    assert nan_count == 1
+
+
+def test_scaler_uses_training_split_only():
+    a = make_arrays(n=400)
+    dm = ArraysDataModule(a, split=[0.5, 0.25, 0.25], batch_size=16, split_seed=3)
+    dm.setup()
+    train_rows = a.labels[dm.split_index["train"]]
+    np.testing.assert_allclose(dm.scaler.mean, train_rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(dm.scaler.std, train_rows.std(0), rtol=1e-5)
+    assert not np.allclose(dm.scaler.mean, a.labels.mean(0), rtol=1e-6)
+    spec = dm.model_spec()
+    assert spec["n_pixels"] == 50 and spec["label_names"] == ["teff", "logg", "fe_h"]
+    np.testing.assert_allclose(spec["label_mean"], dm.scaler.mean)
+
+
+def test_batches_are_gathered_whole_and_match_the_tensors():
+    dm = ArraysDataModule(make_arrays(), split=[0.6, 0.2, 0.2], batch_size=16)
+    dm.setup()
+    batches = list(dm.val_dataloader())
+    assert [len(b["flux"]) for b in batches] == [16, 16, 8]
+    torch.testing.assert_close(torch.cat([b["flux"] for b in batches]), dm.tensors["val"]["flux"])
+    torch.testing.assert_close(torch.cat([b["labels"] for b in batches]), dm.tensors["val"]["labels"])
+    train = next(iter(dm.train_dataloader()))
+    assert train["flux"].shape == (16, 50) and train["labels"].shape == (16, 3)
+
+
+def test_a_label_that_does_not_exist_is_named():
+    dm = ArraysDataModule(make_arrays(), labels=["teff", "vsini"], batch_size=16)
+    with pytest.raises(DataError, match=r"\['vsini'\] not in the data; available labels: \['teff', 'logg', 'fe_h'\]"):
+        dm.setup()
+
+
+def test_batch_larger_than_training_set_is_refused():
+    dm = ArraysDataModule(make_arrays(n=40), split=[0.5, 0.25, 0.25], batch_size=64)
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        dm.setup()
