@@ -83,7 +83,8 @@ def train(cfg: DictConfig) -> dict:
         trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
         summary["test_loss"] = model.test_results["loss"]
         summary["test"] = model.test_results["metrics"]
-        print_metrics(summary["test"], title=f"test metrics ({len(datamodule.split_index['test'])} spectra)")
+        if trainer.is_global_zero:
+            print_metrics(summary["test"], title=f"test metrics ({len(datamodule.split_index['test'])} spectra)")
 
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", summary)

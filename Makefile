@@ -1,0 +1,31 @@
+# Set-up and the commands of the README. `make train` and `make test` set up .venv first if needed.
+#   TORCH_SPEC: the torch installed when the venv has none (CPU/MPS/CUDA build by platform from PyPI);
+#               install your own build into .venv first to keep it, e.g. a specific CUDA wheel.
+#   ARGS: Hydra overrides for train, e.g. make train ARGS="model=cnn trainer.accelerator=mps"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stellarlab-installed
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $(STAMP)
+
+train: setup
+	$(BIN)/python train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,134 @@
+"""Training throughput through stellarlab (DataModule + LightningModule + Trainer, as train.py builds
+them) against a bare PyTorch loop over the same preloaded tensors, same network, batch size and optimiser.
+
+    python benchmarks/training_overhead.py [--small]
+
+Prints samples/s of both and the overhead (stellarlab time / bare time - 1). Both are timed side by
+side in one process, over the same number of training epochs after one warm-up epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+import stellarlab.config  # noqa: F401  (run_id resolver)
+from stellarlab.config import instantiate_group
+from stellarlab.data import SpectraArrays, SpectraDataModule
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+N_PIXELS = 8575
+
+
+class RandomSpectra(SpectraDataModule):
+    """Spectrum-like arrays: throughput does not depend on what the pixels hold."""
+
+    def __init__(self, n: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n = n
+
+    def load_arrays(self) -> SpectraArrays:
+        rng = np.random.default_rng(0)
+        flux = (1.0 - 0.3 * rng.random((self.n, N_PIXELS), dtype=np.float32)).astype(np.float32)
+        labels = rng.normal(size=(self.n, 3)).astype(np.float32)
+        return SpectraArrays(flux, np.ones_like(flux), labels, ["teff", "logg", "fe_h"], np.arange(self.n), np.arange(N_PIXELS, dtype=float))
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch's batches (validation excluded)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def stellarlab_epoch_time(model_name: str, n: int, epochs: int, out_dir: Path) -> tuple[float, int, dict]:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={model_name}", "trainer.accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths = {"output_dir": str(out_dir), "log_dir": str(out_dir), "cache_dir": str(out_dir), "root_dir": str(out_dir)}
+    pl.seed_everything(0, verbose=False)
+    dm = RandomSpectra(n, split=[n - 2, 1, 1], batch_size=cfg.data.batch_size)
+    dm.setup()
+    model = hydra.utils.instantiate(cfg.model, **dm.model_spec(), optimizer=cfg.optimizer)
+    timer = EpochTimer()
+    callbacks = [c for c in instantiate_group(cfg.callbacks) if type(c).__name__ in ("LearningRateMonitor", "RichProgressBar")]
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_epochs=epochs + 1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[*callbacks, timer],
+        logger=instantiate_group(cfg.logger),
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    return statistics.median(timer.times[1:]), cfg.data.batch_size, {"net": model.net, "lr": cfg.optimizer.lr, "dm": dm}
+
+
+def bare_epoch_time(net: torch.nn.Module, flux: torch.Tensor, labels: torch.Tensor, batch_size: int, lr: float, epochs: int) -> float:
+    """The floor: a hand-written loop over preloaded tensors."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    times = []
+    for _ in range(epochs + 1):
+        start = time.perf_counter()
+        perm = torch.randperm(len(flux))
+        for i in range(0, len(flux), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = torch.nn.functional.mse_loss(net(1.0 - flux[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def run(small: bool = False) -> dict:
+    n, epochs = (512, 2) if small else (4096, 3)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("linear", "mlp", "cnn"):
+            t_sl, batch_size, parts = stellarlab_epoch_time(name, n, epochs, Path(tmp) / name)
+            train = parts["dm"].tensors["train"]
+            t_bare = bare_epoch_time(parts["net"], train["flux"], train["labels"], batch_size, parts["lr"], epochs)
+            n_train = len(train["flux"])
+            results[name] = {
+                "n_train": n_train,
+                "batch_size": batch_size,
+                "stellarlab_samples_per_s": n_train / t_sl,
+                "bare_samples_per_s": n_train / t_bare,
+                "overhead": t_sl / t_bare - 1.0,
+            }
+    return results
+
+
+def print_results(results: dict) -> None:
+    print(f"{'model':8s} {'batch':>5s} {'stellarlab/s':>13s} {'bare loop/s':>12s} {'overhead':>9s}")
+    for name, r in results.items():
+        print(
+            f"{name:8s} {r['batch_size']:5d} {r['stellarlab_samples_per_s']:13.0f} {r['bare_samples_per_s']:12.0f} {r['overhead']:+9.1%}"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--small", action="store_true", help="a few hundred spectra, for CI")
+    print_results(run(parser.parse_args().small))

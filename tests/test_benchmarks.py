@@ -1,0 +1,33 @@
+"""CI runs every benchmark once in its small mode, so the scripts keep working (figures are not asserted)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--small", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"generator", "training_overhead", "default_run"}
+    for model in ("linear", "mlp", "cnn"):
+        r = results["training_overhead"][model]
+        assert r["stellarlab_samples_per_s"] > 0 and r["bare_samples_per_s"] > 0 and math.isfinite(r["overhead"])
+        assert set(results["default_run"]["models"][model]) >= {"teff", "logg", "fe_h", "seconds"}
+    assert results["default_run"]["default_run_seconds_cold_cache"] > 0
+    assert "overhead" in proc.stdout and "RMSE" in proc.stdout
