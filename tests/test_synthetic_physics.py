@@ -96,10 +96,12 @@ def test_flux_range_and_continuum(apogee, galah):
         f = spectra(gen, *labels)
         assert f.shape == (4, gen.wavelength.size)
         assert np.all(f > 0.0) and np.all(f <= 1.0 + 1e-5)
-        # a hot metal-poor dwarf is almost pure continuum: most pixels within 0.2 % of 1
-        assert np.mean(f[3] > 0.998) > 0.7
-    hot = spectra(apogee, [6800.0, 4.1, -2.0, 0.3])[0]
-    assert np.median(hot) == pytest.approx(1.0, abs=1e-3)
+        # normalised to the true continuum: the highest pixels are ~1 (hot stars: overlapping Brackett wings)
+        assert np.all(f.max(axis=1) > 0.998)
+    # a solar-type star is mostly continuum in both bands (the H- continuum is the normalisation)
+    for gen in (apogee, galah):
+        sun = spectra(gen, SUN)[0]
+        assert np.median(sun) > 0.995 and np.mean(sun > 0.99) > 0.75
 
 
 def test_generate_matches_forward_and_is_deterministic(apogee):
@@ -109,7 +111,8 @@ def test_generate_matches_forward_and_is_deterministic(apogee):
     with torch.no_grad():
         c = apogee(lab)
     assert a.dtype == torch.float32 and a.shape == (3, 8575)
-    assert torch.equal(a, b)
+    assert torch.equal(a, apogee.generate(lab, batch_size=2))  # bit-identical on repeat
+    assert torch.allclose(a, b, atol=1e-6)  # batching only changes float rounding
     assert torch.allclose(a, c, atol=1e-6)
 
 
