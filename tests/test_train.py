@@ -109,3 +109,12 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path):
     for run_dir in runs:
         assert (run_dir / "metrics.json").exists()
         assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_error_instead_of_training_on_nan(tiny_cfg):
+    from stellarlab.errors import TrainingError
+
+    cfg = tiny_cfg("model=mlp", "optimizer=sgd", "optimizer.lr=1e8", "trainer.max_epochs=3")
+    with pytest.raises(TrainingError, match=r"training loss became (nan|inf).*lower optimizer.lr"):
+        train_script.train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()
