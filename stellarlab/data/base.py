@@ -177,6 +177,10 @@ class SpectraDataModule(pl.LightningDataModule):
         }
 
     # -- loaders --------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        # Batches are flat dicts of tensors: move them directly (Lightning's generic walk costs ~1 ms a step).
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         t = self.tensors[split]
         dataset = BatchDataset(flux=t["flux"], labels=t["labels"])

@@ -87,10 +87,6 @@ class SpectrumRegressor(pl.LightningModule):
         return sum(p.numel() for p in self.parameters())
 
     # -- steps ----------------------------------------------------------------------------------
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        # Batches are flat dicts of tensors: move them directly (Lightning's generic walk costs ~1 ms a step).
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
     def training_step(self, batch, batch_idx):
         loss = masked_mse(self(batch["flux"]), batch["labels"])
         if not torch.isfinite(loss):
