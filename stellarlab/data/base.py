@@ -22,6 +22,7 @@ from stellarlab.labels import LabelScaler
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+BATCH_KEYS = ("flux", "labels")  # what a training/eval batch holds
 
 
 @dataclass
@@ -51,7 +52,7 @@ class BatchDataset(Dataset):
         return self.length
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor(indices, dtype=torch.long, device=next(iter(self.tensors.values())).device)
         return {k: t[index] for k, t in self.tensors.items()}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -75,6 +76,8 @@ class SpectraDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | str = "auto",
+        device_resident: bool | str = "auto",
+        device_resident_max_gb: float = 4.0,
     ):
         super().__init__()
         if not labels:
@@ -90,10 +93,15 @@ class SpectraDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
+        if device_resident not in ("auto", True, False):
+            raise ConfigError(f"data.device_resident must be auto, true or false, got {device_resident!r}")
+        self.device_resident = device_resident
+        self.device_resident_max_gb = float(device_resident_max_gb)
         self.scaler: LabelScaler | None = None
         self.wavelength: np.ndarray | None = None
         self.split_index: dict[str, np.ndarray] = {}
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- what a survey provides -------------------------------------------------------------
     def load_arrays(self) -> SpectraArrays:
@@ -176,23 +184,58 @@ class SpectraDataModule(pl.LightningDataModule):
             "label_std": [float(x) for x in self.scaler.std],
         }
 
+    def preprocessing_config(self) -> dict:
+        """What must be done to a new spectrum before a model trained on this data sees it.
+
+        Saved in every checkpoint (via `state_dict`) so `predict.py` repeats it; surveys extend it.
+        """
+        return {"datamodule": type(self).__name__}
+
+    def state_dict(self) -> dict:
+        return {"preprocessing": self.preprocessing_config(), "label_names": list(self.label_names)}
+
     # -- loaders --------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         # Batches are flat dicts of tensors: move them directly (Lightning's generic walk costs ~1 ms a step).
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+    def _target_device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _keep_on_device(self, device: torch.device) -> bool:
+        """Whole splits live on the accelerator when they fit under `device_resident_max_gb`: no copy per batch."""
+        if device.type == "cpu" or self.device_resident is False:
+            return False
+        size_gb = sum(t[k].numel() * t[k].element_size() for t in self.tensors.values() for k in BATCH_KEYS) / 1e9
+        fits = size_gb <= self.device_resident_max_gb
+        if self.device_resident is True and not fits:
+            log.warning(
+                "data.device_resident=true: %.2f GB exceeds data.device_resident_max_gb=%.2f; copying anyway",
+                size_gb,
+                self.device_resident_max_gb,
+            )
+        return self.device_resident is True or fits
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        t = self.tensors[split]
-        dataset = BatchDataset(flux=t["flux"], labels=t["labels"])
+        device = self._target_device()
+        on_device = self._keep_on_device(device)
+        batch_tensors = {k: self.tensors[split][k] for k in BATCH_KEYS}
+        if on_device:
+            if split not in self._device_tensors:
+                self._device_tensors[split] = {k: v.to(device) for k, v in batch_tensors.items()}
+                log.info("%s split kept on %s: batches are gathered there, no host-to-device copy per step", split, device)
+            batch_tensors = self._device_tensors[split]
+        dataset = BatchDataset(**batch_tensors)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             collate_fn=keep_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=pin,
+            num_workers=0 if on_device else self.num_workers,
+            persistent_workers=self.num_workers > 0 and not on_device,
+            pin_memory=pin and not on_device,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -54,6 +54,10 @@ class SyntheticDataModule(SpectraDataModule):
                 raise ConfigError(f"synthetic survey: {err}") from err
         return self._survey
 
+    def preprocessing_config(self) -> dict:
+        p = self.survey_params
+        return {**super().preprocessing_config(), "survey": p["survey"], "gap_deleted": p["gap_deleted"]}
+
     def prepare_data(self) -> None:
         self._make()
 
