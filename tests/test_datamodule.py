@@ -92,3 +92,16 @@ def test_batch_larger_than_training_set_is_refused():
     dm = ArraysDataModule(make_arrays(n=40), split=[0.5, 0.25, 0.25], batch_size=64)
     with pytest.raises(ConfigError, match="larger than the training set"):
         dm.setup()
+
+
+def test_extras_stay_aligned_with_their_rows_when_rows_are_dropped():
+    a = make_arrays()
+    a.labels[10] = np.nan  # no label: dropped
+    a.flux[20] = np.nan  # no valid pixel: dropped
+    a.extra = {"snr": np.arange(len(a.flux), dtype=np.float32)}  # snr == original row number
+    a.labels[:, 0] = np.where(np.isnan(a.labels[:, 0]), np.nan, np.arange(len(a.flux)))  # teff == row number too
+    dm = ArraysDataModule(a, labels=["teff"], split=[0.6, 0.2, 0.2], batch_size=16)
+    dm.setup()
+    for t in dm.tensors.values():
+        assert torch.equal(t["snr"], t["labels_phys"][:, 0])
+    assert sum(len(t["snr"]) for t in dm.tensors.values()) == len(a.flux) - 2

@@ -112,7 +112,7 @@ class SpectraDataModule(pl.LightningDataModule):
         if self.tensors:
             return
         arrays = self.load_arrays()
-        flux, weight, labels, star_id = self._validated(arrays)
+        flux, weight, labels, star_id, keep = self._validated(arrays)
         self.wavelength = np.asarray(arrays.wavelength, dtype=np.float64)
 
         self.split_index = dict(zip(SPLITS, split_by_star(star_id, self.split, self.split_seed)))
@@ -132,8 +132,9 @@ class SpectraDataModule(pl.LightningDataModule):
                 "labels_phys": phys,
             }
         for name, extra in arrays.extra.items():
+            kept = np.asarray(extra)[keep]  # split indices count the rows _validated kept
             for split, idx in self.split_index.items():
-                self.tensors[split][name] = torch.as_tensor(np.asarray(extra)[idx])
+                self.tensors[split][name] = torch.as_tensor(kept[idx])
         log.info(
             "split by star (seed %d): %s spectra; labels %s standardised with train mean %s, std %s",
             self.split_seed,
@@ -160,15 +161,24 @@ class SpectraDataModule(pl.LightningDataModule):
             )
         if np.isinf(labels).any():
             raise DataError("labels contain +-inf; mark missing labels with NaN instead")
-        bad = ~np.isfinite(flux) | ~np.isfinite(weight) | (weight <= 0)
-        if bad.any():
+        # Check in blocks of rows: a memory-mapped cache is scanned without N x P temporaries, and arrays
+        # that are already clean (all finite, flux 1 wherever weight is 0) are not copied.
+        needs_fix, no_pixel = False, np.zeros(n, dtype=bool)
+        step = max(1, (1 << 22) // max(p, 1))
+        for i in range(0, n, step):
+            f, w = flux[i : i + step], weight[i : i + step]
+            finite = np.isfinite(f) & np.isfinite(w)
+            needs_fix = needs_fix or not (finite.all() and (w >= 0).all() and (f[w == 0] == 1).all())
+            no_pixel[i : i + step] = ~(finite & (w > 0)).any(axis=1)
+        if needs_fix:
+            bad = ~np.isfinite(flux) | ~np.isfinite(weight) | (weight <= 0)
             flux = np.where(bad, np.float32(1.0), flux)
             weight = np.where(bad, np.float32(0.0), weight)
-        keep = np.isfinite(labels).any(axis=1) & ~bad.all(axis=1)
+        keep = np.isfinite(labels).any(axis=1) & ~no_pixel
         if not keep.all():
             log.warning("dropping %d of %d spectra with no usable label or no valid pixel", (~keep).sum(), n)
             flux, weight, labels = flux[keep], weight[keep], labels[keep]
-        return flux, weight, labels, np.asarray(a.star_id)[keep]
+        return flux, weight, labels, np.asarray(a.star_id)[keep], keep
 
     # -- what the model needs to know about the data ----------------------------------------------
     @property

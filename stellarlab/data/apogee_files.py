@@ -1,0 +1,223 @@
+"""Read one APOGEE DR17 spectrum file onto the 8575-pixel grid: flux, inverse-variance weight, nothing non-finite.
+
+aspcapStar files are already pseudo-continuum normalised (HDU1 flux, HDU2 error). apStar/asStar files
+hold the combined spectrum in row 0 of 2-D (rows, 8575) arrays (1-D in old single-visit files), as
+big-endian float64 with NaN edges, huge errors at bad pixels and an APOGEE_PIXMASK in HDU3; they are
+normalised here per detector chip by an error-weighted Chebyshev fit that ignores masked pixels and
+clips absorption lines. Every error names the file. numpy and astropy only: these run in worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.io import fits
+from numpy.polynomial import chebyshev
+
+from stellarlab.errors import DataError
+
+# DR17 apStar/aspcapStar grid: log10(lambda) = 4.179 + 6e-6 i, i = 0..8574 (vacuum, Angstrom).
+# The same numbers as stellarlab.synthetic.grids, repeated here so that reading files needs no torch.
+APOGEE_LOGLAM0 = 4.179
+APOGEE_DLOGLAM = 6e-6
+APOGEE_NPIX = 8575
+#: Detector chips (blue, green, red), end-exclusive pixel ranges: 7514 pixels in all.
+CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
+N_CHIP_PIXELS = sum(hi - lo for lo, hi in CHIP_RANGES)
+
+
+def apogee_wavelength(gap_deleted: bool = False) -> np.ndarray:
+    """Vacuum wavelengths (Angstrom) of the DR17 grid, or of its 7514 chip pixels."""
+    wl = 10.0 ** (APOGEE_LOGLAM0 + APOGEE_DLOGLAM * np.arange(APOGEE_NPIX, dtype=np.float64))
+    return wl[chip_mask()] if gap_deleted else wl
+
+
+def chip_mask() -> np.ndarray:
+    """True on the 7514 pixels that fall on a detector chip."""
+    mask = np.zeros(APOGEE_NPIX, dtype=bool)
+    for lo, hi in CHIP_RANGES:
+        mask[lo:hi] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class PixelConfig:
+    """How a file becomes (flux, weight); small and picklable so it travels to worker processes."""
+
+    source: str = "aspcapStar"  # or "apStar"
+    pixmask: int = 0  # OR of the APOGEE_PIXMASK bits that make a pixel unusable (apStar only)
+    max_flux_error: float = 1.0  # normalised-flux error above this: the pixel carries no information
+    gap_deleted: bool = False  # keep only the 7514 chip pixels
+    continuum_degree: int = 3  # Chebyshev degree per chip (apStar only)
+    continuum_iterations: int = 5  # refits, each dropping pixels clip_low sigma below / clip_high above the fit
+    clip_low: float = 2.0
+    clip_high: float = 3.0
+
+    @property
+    def n_pixels(self) -> int:
+        return N_CHIP_PIXELS if self.gap_deleted else APOGEE_NPIX
+
+
+def _native_float32(data, path, hdu: int, row: int | None) -> np.ndarray:
+    """Row `row` of a 2-D image (or the 1-D image) as native float32, after checking the pixel count."""
+    if data is None:
+        raise DataError(f"{path}: HDU{hdu} holds no data; re-download the file")
+    arr = np.asarray(data)
+    if arr.ndim == 2 and row is not None:
+        if row >= arr.shape[0]:
+            raise DataError(f"{path}: HDU{hdu} has {arr.shape[0]} rows, row {row} was asked for")
+        arr = arr[row]
+    if arr.ndim != 1 or arr.shape[0] != APOGEE_NPIX:
+        raise DataError(
+            f"{path}: HDU{hdu} has shape {arr.shape}, expected {APOGEE_NPIX} pixels (the DR17 apStar grid"
+            f"{' or (rows, 8575)' if row is not None else ''}); is this a DR17 file of the right kind?"
+        )
+    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+
+
+def _check_grid(header, path) -> None:
+    """Refuse a file whose header puts it on another wavelength grid (CRVAL1/CDELT1, when present)."""
+    crval, cdelt = header.get("CRVAL1"), header.get("CDELT1")
+    if crval is not None and cdelt is not None:
+        if abs(float(crval) - APOGEE_LOGLAM0) > 1e-6 or abs(float(cdelt) - APOGEE_DLOGLAM) > 1e-10:
+            raise DataError(
+                f"{path}: wavelength grid CRVAL1={crval}, CDELT1={cdelt} is not the DR17 grid "
+                f"(CRVAL1={APOGEE_LOGLAM0}, CDELT1={APOGEE_DLOGLAM})"
+            )
+
+
+def _open_error(path, err: Exception) -> DataError:
+    return DataError(
+        f"corrupt or unreadable FITS file {path} ({type(err).__name__}: {err}); delete it and download it again"
+    )
+
+
+def read_aspcapstar(path) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised flux (HDU1) and its error (HDU2) as native float32 (8575,)."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if len(hdul) < 3:
+                raise DataError(
+                    f"corrupt or incomplete FITS file {path}: {len(hdul)} HDUs, an aspcapStar file has flux in HDU1 "
+                    "and error in HDU2; delete it and download it again"
+                )
+            _check_grid(hdul[1].header, path)
+            flux = _native_float32(hdul[1].data, path, 1, None)
+            err = _native_float32(hdul[2].data, path, 2, None)
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
+        raise _open_error(path, err) from err
+    return flux, err
+
+
+def read_apstar(path, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row `row` (0: the pixel-weighted combination) of flux, error (native float32) and APOGEE_PIXMASK (int64)."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if len(hdul) < 4:
+                raise DataError(
+                    f"corrupt or incomplete FITS file {path}: {len(hdul)} HDUs, an apStar file has flux, error and "
+                    "bitmask in HDU1-3; delete it and download it again"
+                )
+            _check_grid(hdul[1].header, path)
+            flux = _native_float32(hdul[1].data, path, 1, row)
+            err = _native_float32(hdul[2].data, path, 2, row)
+            mask = _native_float32(hdul[3].data, path, 3, row)
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
+        raise _open_error(path, err) from err
+    if mask.dtype.kind not in "iu":
+        raise DataError(f"{path}: HDU3 should be the integer APOGEE_PIXMASK, found {mask.dtype}")
+    return flux, err, mask.astype(np.int64)
+
+
+def usable_pixels(flux: np.ndarray, err: np.ndarray, pixmask: np.ndarray | None = None, bad_bits: int = 0) -> np.ndarray:
+    """True where a pixel holds data: on a chip, finite, error > 0, flux != 0 (zero-filled), no bad mask bit."""
+    good = chip_mask() & np.isfinite(flux) & np.isfinite(err) & (err > 0) & (flux != 0)
+    if pixmask is not None and bad_bits:
+        good &= (pixmask & np.int64(bad_bits)) == 0
+    return good
+
+
+def continuum(flux: np.ndarray, err: np.ndarray, usable: np.ndarray, degree: int = 3, iterations: int = 5,
+              clip_low: float = 2.0, clip_high: float = 3.0) -> np.ndarray:
+    """Per-chip continuum: a Chebyshev fit weighted by 1/err^2 over usable pixels, refitted after dropping
+    pixels more than clip_low sigma below it (absorption lines) or clip_high above it (spikes).
+
+    Returns the continuum on the full grid, NaN outside the chips and on a chip with too few pixels to fit.
+    """
+    cont = np.full(flux.shape, np.nan, dtype=np.float64)
+    f64, e64 = flux.astype(np.float64), err.astype(np.float64)
+    min_pixels = 4 * (degree + 1)
+    for lo, hi in CHIP_RANGES:
+        f, e, ok = f64[lo:hi], e64[lo:hi], usable[lo:hi]
+        if ok.sum() < min_pixels:
+            continue
+        x = np.linspace(-1.0, 1.0, hi - lo)
+        use = ok
+        for it in range(iterations + 1):
+            coef = chebyshev.chebfit(x[use], f[use], degree, w=1.0 / e[use])  # w multiplies residuals: chi^2 weights 1/err^2
+            model = chebyshev.chebval(x, coef)
+            if it == iterations:
+                break
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = (f - model) / e
+            new = ok & (r > -clip_low) & (r < clip_high)
+            if new.sum() < min_pixels or np.array_equal(new, use):
+                break
+            use = new
+        cont[lo:hi] = model
+    return cont
+
+
+def spectrum_arrays(
+    flux: np.ndarray, err: np.ndarray, pixmask: np.ndarray | None, cfg: PixelConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flux, weight) float32 on the output grid: normalised flux, inverse variance; flux 1 / weight 0 where no data."""
+    good = usable_pixels(flux, err, pixmask, cfg.pixmask)
+    if cfg.source == "apStar":
+        cont = continuum(flux, err, good, cfg.continuum_degree, cfg.continuum_iterations, cfg.clip_low, cfg.clip_high)
+        good &= np.isfinite(cont) & (cont > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            flux = flux / cont
+            err = err / cont
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        good &= np.isfinite(flux) & (err <= cfg.max_flux_error)
+        weight = np.where(good, 1.0 / np.square(err, dtype=np.float64), 0.0).astype(np.float32)
+    flux_out = np.where(good, flux, 1.0).astype(np.float32)
+    if cfg.gap_deleted:
+        keep = chip_mask()
+        flux_out, weight = flux_out[keep], weight[keep]
+    return flux_out, weight
+
+
+def load_spectrum(path, cfg: PixelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Read one file of `cfg.source` and return its (flux, weight) on the output grid."""
+    if cfg.source == "aspcapStar":
+        flux, err = read_aspcapstar(path)
+        mask = None
+    elif cfg.source == "apStar":
+        flux, err, mask = read_apstar(path)
+    else:
+        raise DataError(f"unknown spectrum source {cfg.source!r}; valid: aspcapStar, apStar")
+    return spectrum_arrays(flux, err, mask, cfg)
+
+
+def load_chunk(task: tuple[int, Sequence[str], PixelConfig]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Worker entry point: (first row, paths, config) -> (first row, flux (k, P), weight (k, P))."""
+    start, paths, cfg = task
+    flux = np.empty((len(paths), cfg.n_pixels), dtype=np.float32)
+    weight = np.empty_like(flux)
+    for i, path in enumerate(paths):
+        flux[i], weight[i] = load_spectrum(path, cfg)
+    return start, flux, weight
+
+
+__all__ = [
+    "APOGEE_NPIX", "CHIP_RANGES", "N_CHIP_PIXELS", "PixelConfig", "apogee_wavelength", "chip_mask", "continuum",
+    "load_chunk", "load_spectrum", "read_apstar", "read_aspcapstar", "spectrum_arrays", "usable_pixels",
+]
