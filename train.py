@@ -3,10 +3,12 @@
     python train.py                                   # MLP on the built-in synthetic APOGEE survey
     python train.py model=cnn trainer.accelerator=mps # any group option, any override
     python train.py -m model=linear,mlp,cnn           # Hydra multirun: one folder per job
+    python train.py hparams_search=optuna             # Optuna study (TPE) over lr, widths, dropout, ...
 
 Seeds, builds data, model and trainer from the config, fits, tests the best checkpoint, prints the
-test metrics per label in physical units and writes them to `<run folder>/metrics.json`.
-Returns the best validation value (`optimized_metric`) for sweepers.
+test metrics per label in physical units with their bootstrap intervals and writes them to
+`<run folder>/metrics.json`. Returns the best validation value (`optimized_metric`) for sweepers.
+In a multirun a failing job is recorded as failed and the sweep goes on (`stellarlab/sweep.py`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from stellarlab.config import instantiate_group, register_resolvers
 from stellarlab.errors import ConfigError, StellarlabError
+from stellarlab.sweep import in_multirun, record_failure, root_cause
 
 log = logging.getLogger("stellarlab.train")
 register_resolvers()
@@ -32,7 +35,7 @@ def train(cfg: DictConfig) -> dict:
     import torch
 
     from stellarlab.devices import check_trainer_config
-    from stellarlab.hparams import log_hyperparameters
+    from stellarlab.hparams import log_final_metrics, log_hyperparameters
     from stellarlab.reports import print_metrics, write_json_atomic
 
     output_dir = Path(cfg.paths.output_dir)
@@ -67,6 +70,7 @@ def train(cfg: DictConfig) -> dict:
         )
 
     summary = {
+        "status": "ok",
         "run_dir": str(output_dir),
         "optimized_metric": cfg.optimized_metric,
         "best_value": fit_metrics[cfg.optimized_metric],
@@ -81,24 +85,51 @@ def train(cfg: DictConfig) -> dict:
     summary["best_checkpoint"] = checkpoint
     if cfg.get("test") and len(datamodule.split_index["test"]):
         trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
-        summary["test_loss"] = model.test_results["loss"]
-        summary["test"] = model.test_results["metrics"]
+        results = model.test_results
+        summary["test_loss"] = results["loss"]
+        summary["test"] = results["metrics"]
+        caption = add_bootstrap_intervals(summary, results, cfg.get("bootstrap"))
         if trainer.is_global_zero:
-            print_metrics(summary["test"], title=f"test metrics ({len(datamodule.split_index['test'])} spectra)")
+            title = f"test metrics ({len(datamodule.split_index['test'])} spectra)"
+            print_metrics(summary["test"], title=title, caption=caption)
 
+    log_final_metrics(trainer.loggers, summary, trainer.global_step)
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", summary)
         log.info("wrote %s; compare runs with: tensorboard --logdir %s", output_dir / "metrics.json", cfg.paths.log_dir)
     return summary
 
 
+def add_bootstrap_intervals(summary: dict, results: dict, bootstrap: DictConfig | None) -> str | None:
+    """Put each test metric's bootstrap interval (`rmse_ci`: [lo, hi], ...) beside it in summary['test'].
+
+    Returns the caption of the printed table; None (and no intervals) when bootstrap.n_resamples is 0 or unset.
+    """
+    from stellarlab.metrics import bootstrap_intervals
+
+    if not bootstrap or not bootstrap.get("n_resamples"):
+        return None
+    summary["bootstrap"] = {key: bootstrap[key] for key in ("n_resamples", "seed", "level")}
+    intervals = bootstrap_intervals(results["pred"], results["true"], summary["label_names"], **summary["bootstrap"])
+    for label, cis in intervals.items():
+        summary["test"][label].update(cis)
+    return f"value [lo, hi]: {100 * float(bootstrap.level):g}% bootstrap interval, {bootstrap.n_resamples} resamples of the test set"
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    """One run: a stellarlab error is one line on stderr and exit 2. In a multirun a failing job is
+    recorded (metrics.json `status: failed`) and returns a value instead, so the other jobs go on."""
     try:
         summary = train(cfg)
-    except StellarlabError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        if in_multirun():
+            return record_failure(cfg, err)
+        cause = root_cause(err)
+        if not isinstance(cause, StellarlabError):
+            raise
+        log.error("%s", cause)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
     return float(summary["best_value"])
 

@@ -1,0 +1,157 @@
+"""Sweeps that survive their failures: a failed job is recorded, the others go on, the summary lists it.
+
+In a multirun (`python train.py -m ...`, `hparams_search=optuna`, `launcher=local|slurm`) a job that
+raises (diverging loss -> TrainingError, impossible config -> ConfigError, anything else) writes
+`<run folder>/metrics.json` with `status: failed` and the error, and returns a value instead of
+raising: Hydra's sweepers stop the whole sweep on the first exception, and hydra-optuna-sweeper
+1.2 (the latest release) has no `max_failure_rate`. For Optuna the value is the worst possible one
+(+inf when minimising), which the study accepts and TPE learns to avoid; `max_failure_rate` (a root
+config key, set by `hparams_search=optuna`) bounds how many trials may fail before the study stops.
+`SweepSummary`, a Hydra callback, writes `<sweep folder>/summary.json` and prints the table at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from stellarlab.errors import StellarlabError
+from stellarlab.reports import write_json_atomic
+
+log = logging.getLogger("stellarlab.sweep")
+
+
+class TooManyFailures(StellarlabError, RuntimeError):
+    """More trials of an Optuna study failed than `max_failure_rate` allows: the study stops."""
+
+
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (also in the processes of the submitit launchers)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The stellarlab error behind Hydra's InstantiationException wrapper, if there is one."""
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, StellarlabError):
+        cause = cause.__cause__
+    return cause if isinstance(cause, StellarlabError) else err
+
+
+def _sweeper_directions(hydra_cfg) -> list[str] | None:
+    """['minimize'] etc. for an Optuna sweep; None for sweepers without a direction (the basic one)."""
+    direction = hydra_cfg.sweeper.get("direction")
+    if direction is None:
+        return None
+    items = list(direction) if OmegaConf.is_list(direction) or isinstance(direction, (list, tuple)) else [direction]
+    # 'minimize', or optuna_sweeper's Direction enum (Direction.minimize)
+    return [str(getattr(d, "name", d)).rsplit(".", 1)[-1].lower() for d in items]
+
+
+def failed_value(directions: list[str] | None) -> float | list[float]:
+    """What a failed job returns: the worst value for an Optuna study, NaN for other sweepers."""
+    if directions is None:
+        return math.nan
+    worst = [math.inf if d == "minimize" else -math.inf for d in directions]
+    return worst[0] if len(worst) == 1 else worst
+
+
+def count_failed(sweep_dir: Path) -> int:
+    """Jobs of this sweep whose metrics.json says failed."""
+    from stellarlab.compare import read_summary
+
+    return sum(1 for path in sweep_dir.rglob("metrics.json") if (read_summary(path) or {}).get("status") == "failed")
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> float | list[float]:
+    """Write the failed job's metrics.json and log it; return the value the sweeper gets instead of the error.
+
+    Raises TooManyFailures once more than `max_failure_rate * n_trials` trials of an Optuna study failed.
+    """
+    cause = root_cause(err)
+    output_dir = Path(cfg.paths.output_dir)
+    hydra_cfg = HydraConfig.get()
+    summary = {
+        "status": "failed",
+        "error": {"type": type(cause).__name__, "message": str(cause)},
+        "run_dir": str(output_dir),
+        "optimized_metric": cfg.get("optimized_metric"),
+        "best_value": None,
+        "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__)),
+    }
+    write_json_atomic(output_dir / "metrics.json", summary)
+    if isinstance(cause, StellarlabError):
+        log.error("job %s failed: %s: %s", hydra_cfg.job.get("num"), type(cause).__name__, cause)
+    else:  # not a known failure mode: keep the traceback in the job's log
+        log.error("job %s failed", hydra_cfg.job.get("num"), exc_info=err)
+
+    directions = _sweeper_directions(hydra_cfg)
+    n_trials = hydra_cfg.sweeper.get("n_trials")
+    if directions is not None and n_trials:  # an Optuna study: failures are bounded
+        rate = float(cfg.get("max_failure_rate", 0.0))
+        n_failed = count_failed(Path(hydra_cfg.sweep.dir))
+        if n_failed > rate * int(n_trials):
+            raise TooManyFailures(
+                f"{n_failed} of at most {int(n_trials)} trials failed, more than max_failure_rate={rate} allows; "
+                f"the study stops. Last failure: {type(cause).__name__}: {cause}"
+            ) from err
+    log.info("recorded as failed in %s; the other jobs of the sweep go on", output_dir / "metrics.json")
+    return failed_value(directions)
+
+
+def _sqlite_file(storage: Any) -> Path | None:
+    url = str(storage or "")
+    if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+        return None
+    return Path(url[len("sqlite:///") :])
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: `<sweep folder>/summary.json` and a printed table, one row per job."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Optuna creates its sqlite file before any job folder exists: make the folder it lives in.
+        path = _sqlite_file(config.hydra.sweeper.get("storage"))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from stellarlab.compare import collect_runs, print_runs
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        runs = collect_runs(sweep_dir) if sweep_dir.is_dir() else []
+        summary = sweep_summary(sweep_dir, runs)
+        write_json_atomic(sweep_dir / "summary.json", summary)
+        print_runs(runs, title=f"sweep {sweep_dir}: {summary['n_ok']} ok, {summary['n_failed']} failed, {summary['n_incomplete']} incomplete")
+        log.info("sweep summary: %s; full table: python -m stellarlab.compare %s", sweep_dir / "summary.json", sweep_dir)
+
+
+def sweep_summary(sweep_dir: Path, runs: list[dict]) -> dict:
+    """The content of summary.json: counts, then each job's overrides, status, best value and error."""
+    statuses = [r["status"] for r in runs]
+    return {
+        "sweep_dir": str(sweep_dir),
+        "n_jobs": len(runs),
+        "n_ok": statuses.count("ok"),
+        "n_failed": statuses.count("failed"),
+        "n_incomplete": statuses.count("incomplete"),
+        "jobs": [
+            {
+                "run": r["run"],
+                "overrides": r["overrides"],
+                "status": r["status"],
+                "optimized_metric": r["summary"].get("optimized_metric"),
+                "best_value": r["summary"].get("best_value"),
+                "error": r["error"],
+            }
+            for r in runs
+        ],
+    }
