@@ -35,8 +35,9 @@ def train(cfg: DictConfig) -> dict:
     import torch
 
     from stellarlab.devices import check_trainer_config
+    from stellarlab.evaluation import test_model
     from stellarlab.hparams import log_final_metrics, log_hyperparameters
-    from stellarlab.reports import print_metrics, write_json_atomic
+    from stellarlab.reports import write_json_atomic
 
     output_dir = Path(cfg.paths.output_dir)
     device = check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
@@ -84,36 +85,13 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     summary["best_checkpoint"] = checkpoint
     if cfg.get("test") and len(datamodule.split_index["test"]):
-        trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
-        results = model.test_results
-        summary["test_loss"] = results["loss"]
-        summary["test"] = results["metrics"]
-        caption = add_bootstrap_intervals(summary, results, cfg.get("bootstrap"))
-        if trainer.is_global_zero:
-            title = f"test metrics ({len(datamodule.split_index['test'])} spectra)"
-            print_metrics(summary["test"], title=title, caption=caption)
+        test_model(trainer, model, datamodule, summary, cfg, ckpt_path=checkpoint)
 
     log_final_metrics(trainer.loggers, summary, trainer.global_step)
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", summary)
         log.info("wrote %s; compare runs with: tensorboard --logdir %s", output_dir / "metrics.json", cfg.paths.log_dir)
     return summary
-
-
-def add_bootstrap_intervals(summary: dict, results: dict, bootstrap: DictConfig | None) -> str | None:
-    """Put each test metric's bootstrap interval (`rmse_ci`: [lo, hi], ...) beside it in summary['test'].
-
-    Returns the caption of the printed table; None (and no intervals) when bootstrap.n_resamples is 0 or unset.
-    """
-    from stellarlab.metrics import bootstrap_intervals
-
-    if not bootstrap or not bootstrap.get("n_resamples"):
-        return None
-    summary["bootstrap"] = {key: bootstrap[key] for key in ("n_resamples", "seed", "level")}
-    intervals = bootstrap_intervals(results["pred"], results["true"], summary["label_names"], **summary["bootstrap"])
-    for label, cis in intervals.items():
-        summary["test"][label].update(cis)
-    return f"value [lo, hi]: {100 * float(bootstrap.level):g}% bootstrap interval, {bootstrap.n_resamples} resamples of the test set"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -1,0 +1,57 @@
+"""Apply a trained model to new spectra and write a catalogue.
+
+    python predict.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt input=spectra/
+    python predict.py ckpt_path=... input=[aspcapStar-dr17-2M0000.fits,more.fits]
+    python predict.py ckpt_path=... input=flux.npy input_wavelength=wave.npy   # resampled onto the model grid
+
+Reads aspcapStar, apStar and .npy spectra, preprocesses them exactly as the checkpoint's training
+data was (pixel masks, continuum, gap deletion, flux transform), and writes predictions.fits and
+predictions.csv (id, file, each label and its uncertainty) into the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from stellarlab.config import register_resolvers
+from stellarlab.errors import StellarlabError
+
+log = logging.getLogger("stellarlab.predict")
+register_resolvers()
+
+
+def run_predict(cfg: DictConfig) -> dict:
+    """Read, predict, write; returns the paths written and the number of spectra."""
+    from stellarlab import prediction
+    from stellarlab.devices import check_trainer_config
+
+    device = check_trainer_config(cfg.accelerator, "32-true")
+    model, preprocessing = prediction.load_model(cfg.ckpt_path, map_location="cpu")
+    if device not in ("cpu", "auto"):
+        model = model.to(device)
+    wavelength = model.wavelength.cpu().double().numpy()
+    files = prediction.find_inputs(cfg.input, cfg.format)
+    spectra = prediction.read_spectra(files, cfg.format, preprocessing, wavelength, cfg.input_wavelength)
+    labels, sigma = prediction.predict(model, spectra.flux, int(cfg.batch_size))
+    table = prediction.catalog_table(spectra, model.label_names, labels, sigma)
+    fits_path, csv_path = prediction.write_catalog(table, cfg.output_dir)
+    log.info("predicted %s for %d spectra from %d files: %s, %s", model.label_names, len(table), len(files), fits_path, csv_path)
+    return {"n_spectra": len(table), "fits": str(fits_path), "csv": str(csv_path)}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> dict:
+    try:
+        return run_predict(cfg)
+    except StellarlabError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

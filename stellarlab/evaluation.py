@@ -1,0 +1,63 @@
+"""Testing a trained model, shared by train.py (end of training) and eval.py (a checkpoint later).
+
+One function so both give the same numbers: test metrics per label in physical units, their
+bootstrap intervals, the printed table, and the per-spectrum test predictions as a CSV.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from stellarlab.reports import atomic_path, print_metrics
+
+log = logging.getLogger(__name__)
+
+
+def add_bootstrap_intervals(summary: dict, results: dict, bootstrap) -> str | None:
+    """Put each test metric's bootstrap interval (`rmse_ci`: [lo, hi], ...) beside it in summary['test'].
+
+    Returns the caption of the printed table; None (and no intervals) when bootstrap.n_resamples is 0 or unset.
+    """
+    from stellarlab.metrics import bootstrap_intervals
+
+    if not bootstrap or not bootstrap.get("n_resamples"):
+        return None
+    summary["bootstrap"] = {key: bootstrap[key] for key in ("n_resamples", "seed", "level")}
+    intervals = bootstrap_intervals(results["pred"], results["true"], summary["label_names"], **summary["bootstrap"])
+    for label, cis in intervals.items():
+        summary["test"][label].update(cis)
+    return f"value [lo, hi]: {100 * float(bootstrap['level']):g}% bootstrap interval, {bootstrap['n_resamples']} resamples of the test set"
+
+
+def write_test_predictions(path: Path, results: dict, label_names: list[str]) -> Path:
+    """One row per test spectrum: `<label>_true`, `<label>_pred` (and `<label>_sigma` when predicted)."""
+    columns, names = [], []
+    for j, label in enumerate(label_names):
+        columns += [results["true"][:, j], results["pred"][:, j]]
+        names += [f"{label}_true", f"{label}_pred"]
+        if results.get("sigma") is not None:
+            columns.append(results["sigma"][:, j])
+            names.append(f"{label}_sigma")
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, np.column_stack(columns), delimiter=",", header=",".join(names), comments="", fmt="%.9g")
+    return path
+
+
+def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | None = None) -> dict:
+    """trainer.test on the test split; adds test loss, metrics, intervals to `summary` and writes the predictions."""
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    results = model.test_results
+    summary["test_loss"] = results["loss"]
+    summary["test"] = results["metrics"]
+    if results.get("calibration"):
+        summary["calibration"] = results["calibration"]
+    caption = add_bootstrap_intervals(summary, results, cfg.get("bootstrap"))
+    if trainer.is_global_zero:
+        n_test = len(datamodule.split_index["test"])
+        print_metrics(summary["test"], title=f"test metrics ({n_test} spectra)", caption=caption)
+        out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, summary["label_names"])
+        summary["test_predictions"] = str(out)
+    return summary

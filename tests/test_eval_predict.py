@@ -1,0 +1,127 @@
+"""eval.py re-tests a checkpoint to the same numbers; predict.py applies it to new spectra (npy, aspcapStar, apStar)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+import train as train_script
+from tests.apogee_fixtures import write_apstar, write_aspcapstar
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, survey_cache):
+    """One tiny MLP run through train.py (the same folders a user gets)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    overrides = ["data.n_stars=600", "data.batch_size=32", "trainer.max_epochs=4", "trainer.accelerator=cpu", "~callbacks.progress_bar"]
+    cmd = [sys.executable, "train.py", *overrides, f"paths.log_dir={tmp}/out", f"paths.cache_dir={survey_cache}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    run = next((tmp / "out" / "train" / "runs").iterdir())
+    return {"tmp": tmp, "run": run, "ckpt": next((run / "checkpoints").glob("best-*.ckpt")), "cache": survey_cache}
+
+
+def _script(name: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, name, *args, f"paths.log_dir={log_dir}"], cwd=ROOT, capture_output=True, text=True)
+
+
+def _test_flux(trained) -> np.ndarray:
+    from omegaconf import OmegaConf
+
+    from stellarlab.data.synthetic import SyntheticDataModule
+
+    data = OmegaConf.to_container(OmegaConf.load(trained["run"] / ".hydra" / "config.yaml").data)
+    data.pop("_target_")
+    data["cache_dir"] = str(trained["cache"] / "synthetic")
+    dm = SyntheticDataModule(**data)
+    dm.setup()
+    return dm.tensors["test"]["flux"].numpy()
+
+
+def test_eval_reproduces_the_test_metrics_of_training(trained):
+    out = _script("eval.py", f"ckpt_path={trained['ckpt']}", log_dir=trained["tmp"] / "eval")
+    assert out.returncode == 0, out.stderr[-2000:]
+    at_training = json.loads((trained["run"] / "metrics.json").read_text())["test"]
+    evaluated = json.loads(next((trained["tmp"] / "eval").rglob("metrics.json")).read_text())
+    assert evaluated["checkpoint"] == str(trained["ckpt"])
+    for label, m in at_training.items():
+        for key in ("rmse", "mae", "bias", "mad_std", "n", "rmse_ci"):
+            assert evaluated["test"][label][key] == pytest.approx(m[key], rel=1e-6), (label, key)
+
+
+def test_eval_on_other_labels_is_a_clear_error(trained):
+    out = _script("eval.py", f"ckpt_path={trained['ckpt']}", "data.labels=[teff]", log_dir=trained["tmp"] / "eval-bad")
+    assert out.returncode == 2
+    assert "data.labels" in out.stderr and "['teff', 'logg', 'fe_h']" in out.stderr
+
+
+def test_predict_on_npy_gives_the_test_step_predictions(trained, tmp_path):
+    np.save(tmp_path / "test_flux.npy", _test_flux(trained))
+    out = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'test_flux.npy'}", log_dir=tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-2000:]
+    catalog = Table.read(next((tmp_path / "out").rglob("predictions.fits")))
+    expected = np.genfromtxt(trained["run"] / "test_predictions.csv", delimiter=",", names=True)
+    assert len(catalog) == len(expected)
+    assert catalog["id"][3] == "test_flux:3"
+    for label in ("teff", "logg", "fe_h"):
+        np.testing.assert_allclose(catalog[label], expected[f"{label}_pred"], rtol=1e-5)
+        assert np.isnan(np.ma.filled(catalog[f"{label}_err"], np.nan)).all()  # an MSE model predicts no uncertainty
+    csv = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
+    np.testing.assert_allclose(csv["teff"], catalog["teff"], rtol=1e-6)
+
+
+def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained, tmp_path):
+    flux = _test_flux(trained)[:2].astype(np.float64)
+    err = np.full_like(flux[0], 0.01)
+    files = tmp_path / "spectra"
+    write_aspcapstar(files / "aspcapStar-dr17-2M00000001+0000001.fits", flux[0], err, objid="2M00000001+0000001")
+    mask = np.zeros(flux.shape[1], dtype=np.int64)
+    write_apstar(files / "apStar-dr17-2M00000002+0000002.fits", 1000.0 * flux[1], 1000.0 * err, mask, objid="2M00000002+0000002")
+    out = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={files}", log_dir=tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-2000:]
+    catalog = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
+    assert list(catalog["id"]) == ["2M00000002+0000002", "2M00000001+0000001"]  # apStar-* sorts before aspcapStar-*
+    expected = np.genfromtxt(trained["run"] / "test_predictions.csv", delimiter=",", names=True)
+    assert catalog["teff"][1] == pytest.approx(expected["teff_pred"][0], rel=1e-4)  # aspcapStar: flux as given
+    assert np.isfinite(catalog["teff"][0])  # apStar: continuum-normalised here first
+
+    # npy spectra on another grid: refused without a wavelength array, resampled with one
+    from stellarlab.data.apogee_files import apogee_wavelength
+
+    wave = apogee_wavelength()
+    coarse = wave[::2]
+    np.save(tmp_path / "coarse.npy", flux[:1, ::2])
+    np.save(tmp_path / "coarse_wavelength.npy", coarse)
+    refused = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'coarse.npy'}", log_dir=tmp_path / "o2")
+    assert refused.returncode == 2
+    assert "4288 pixels" in refused.stderr and "input_wavelength" in refused.stderr
+    resampled = _script(
+        "predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'coarse.npy'}",
+        f"input_wavelength={tmp_path / 'coarse_wavelength.npy'}", log_dir=tmp_path / "o3",
+    )
+    assert resampled.returncode == 0, resampled.stderr[-2000:]
+    row = Table.read(next((tmp_path / "o3").rglob("predictions.csv")), format="ascii.csv")
+    assert abs(row["teff"][0] - expected["teff_pred"][0]) < 150  # same star, half the pixels interpolated back
+
+
+def test_predict_errors_name_the_problem(trained, tmp_path):
+    missing = _script("predict.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"input={tmp_path}", log_dir=tmp_path / "o")
+    assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "checkpoints/" in missing.stderr
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(trained["ckpt"].read_bytes()[:5000])
+    bad = _script("predict.py", f"ckpt_path={truncated}", f"input={tmp_path}", log_dir=tmp_path / "o")
+    assert bad.returncode == 2 and "truncated.ckpt" in bad.stderr and "cannot be read" in bad.stderr
+    (tmp_path / "empty").mkdir()
+    empty = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'empty'}", log_dir=tmp_path / "o")
+    assert empty.returncode == 2 and "holds no spectra" in empty.stderr
+    np.save(tmp_path / "nan.npy", np.full((2, 8575), np.nan, dtype=np.float32))
+    nan = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'nan.npy'}", log_dir=tmp_path / "o")
+    assert nan.returncode == 2 and "no input spectrum has a single usable pixel" in nan.stderr
