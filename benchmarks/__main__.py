@@ -20,6 +20,8 @@ BENCHMARKS = {
     "generator": "benchmarks.generator_speed",
     "training_overhead": "benchmarks.training_overhead",
     "default_run": "benchmarks.default_run",
+    "apogee_preprocess": "benchmarks.apogee_preprocess",
+    "startup": "benchmarks.startup",
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from stellarlab.errors import DataError
 
@@ -60,9 +59,13 @@ class LabelScaler:
         return cls(mean.astype(np.float32), std.astype(np.float32))
 
     def transform(self, labels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        import torch  # here, not at module level: reports and configs use this module without torch
+
         labels = torch.as_tensor(labels)
         return (labels - torch.as_tensor(self.mean, device=labels.device)) / torch.as_tensor(self.std, device=labels.device)
 
     def inverse(self, scaled: torch.Tensor | np.ndarray) -> torch.Tensor:
+        import torch
+
         scaled = torch.as_tensor(scaled)
         return scaled * torch.as_tensor(self.std, device=scaled.device) + torch.as_tensor(self.mean, device=scaled.device)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from benchmarks.__main__ import BENCHMARKS
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -24,10 +25,12 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"generator", "training_overhead", "default_run"}
+    assert set(results) == set(BENCHMARKS)
     for model in ("linear", "mlp", "cnn"):
         r = results["training_overhead"][model]
         assert r["stellarlab_samples_per_s"] > 0 and r["bare_samples_per_s"] > 0 and math.isfinite(r["overhead"])
+        assert r["naive_samples_per_s"] > 0 and r["speedup_vs_naive"] > 0
         assert set(results["default_run"]["models"][model]) >= {"teff", "logg", "fe_h", "seconds"}
     assert results["default_run"]["default_run_seconds_cold_cache"] > 0
+    assert not results["startup"]["train.py --help"]["imports_torch"]
     assert "overhead" in proc.stdout and "RMSE" in proc.stdout
