@@ -22,6 +22,7 @@ BENCHMARKS = {
     "default_run": "benchmarks.default_run",
     "apogee_preprocess": "benchmarks.apogee_preprocess",
     "startup": "benchmarks.startup",
+    "crlb": "benchmarks.crlb_ratio",
 }
 
 

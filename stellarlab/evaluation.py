@@ -54,6 +54,15 @@ def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | 
     summary["test"] = results["metrics"]
     if results.get("calibration"):
         summary["calibration"] = results["calibration"]
+    if getattr(model, "best_val_mse", None) is not None:
+        summary["best_val_mse"] = model.best_val_mse
+    if trainer.is_global_zero:
+        from stellarlab.crlb import crlb_vs_rmse
+
+        crlb = crlb_vs_rmse(datamodule, summary["test"])  # None unless the data is the synthetic survey
+        if crlb is not None:
+            summary["crlb"] = crlb
+            log.info("test RMSE / Cramer-Rao bound: %s", ", ".join(f"{k} {v['ratio']:.2f}" for k, v in crlb.items()))
     caption = add_bootstrap_intervals(summary, results, cfg.get("bootstrap"))
     if trainer.is_global_zero:
         n_test = len(datamodule.split_index["test"])

@@ -53,7 +53,7 @@ class CNNRegressor(SpectrumRegressor):
                 raise ConfigError(
                     f"model.pool_sizes {pool_sizes} shrink the {n_pixels}-pixel spectrum to nothing; use fewer or smaller pools"
                 )
-        head = dense_stack(c_in * length, list(hidden_sizes), len(label_names), activation, dropout, batch_norm=False)
+        head = dense_stack(c_in * length, list(hidden_sizes), self.n_outputs, activation, dropout, batch_norm=False)
         self.net = nn.Sequential(Unsqueeze(), *blocks, nn.Flatten(), head)
 
 

@@ -41,4 +41,4 @@ class MLPRegressor(SpectrumRegressor):
         **kwargs,
     ):
         super().__init__(n_pixels=n_pixels, label_names=label_names, **kwargs)
-        self.net = dense_stack(n_pixels, list(hidden_sizes), len(label_names), activation, dropout, batch_norm)
+        self.net = dense_stack(n_pixels, list(hidden_sizes), self.n_outputs, activation, dropout, batch_norm)
