@@ -130,8 +130,12 @@ class SweepSummary(Callback):
         runs = collect_runs(sweep_dir) if sweep_dir.is_dir() else []
         summary = sweep_summary(sweep_dir, runs)
         write_json_atomic(sweep_dir / "summary.json", summary)
+        if runs:  # comparison.md/.csv/.png beside the summary: the sweep's result in one place
+            from stellarlab.compare import compare
+
+            compare(sweep_dir)
         print_runs(runs, title=f"sweep {sweep_dir}: {summary['n_ok']} ok, {summary['n_failed']} failed, {summary['n_incomplete']} incomplete")
-        log.info("sweep summary: %s; full table: python -m stellarlab.compare %s", sweep_dir / "summary.json", sweep_dir)
+        log.info("sweep summary: %s; full table: %s", sweep_dir / "summary.json", sweep_dir / "comparison.md")
 
 
 def sweep_summary(sweep_dir: Path, runs: list[dict]) -> dict:
