@@ -521,3 +521,10 @@ def test_rgb_logg_experiment_runs_on_files_and_on_the_synthetic_survey(survey, t
     metrics = json.loads((Path(syn.paths.output_dir) / "metrics.json").read_text())
     assert metrics["split_sizes"] == {"train": 1024, "val": 256, "test": 512}
     assert metrics["label_names"] == ["logg"]
+
+
+def test_a_bare_preset_name_is_shorthand_for_the_preset():
+    from stellarlab.data.apogee_catalog import resolved_cuts
+
+    assert resolved_cuts("rgb") == resolved_cuts({"preset": "rgb"})
+    assert resolved_cuts("rgb")["ranges"]["LOGG"] == (0.0, 3.8)

@@ -199,7 +199,13 @@ def _bits_text(bits, known: Mapping[str, int]) -> str:
 
 
 def resolved_cuts(cuts: Mapping | None) -> dict:
-    """`cuts` with defaults filled in, unknown keys refused, and the preset merged into `ranges`."""
+    """`cuts` with defaults filled in, unknown keys refused, and the preset merged into `ranges`.
+
+    A bare preset name is shorthand for the preset with every other cut at its default:
+    `data.cuts=rgb` is `data.cuts.preset=rgb`.
+    """
+    if isinstance(cuts, str):
+        cuts = {"preset": cuts}
     cuts = dict(cuts or {})
     unknown = sorted(set(cuts) - set(DEFAULT_CUTS))
     if unknown:
