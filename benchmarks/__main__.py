@@ -23,6 +23,7 @@ BENCHMARKS = {
     "apogee_preprocess": "benchmarks.apogee_preprocess",
     "startup": "benchmarks.startup",
     "crlb": "benchmarks.crlb_ratio",
+    "cuda_data_path": "benchmarks.cuda_data_path",
 }
 
 

@@ -64,15 +64,17 @@ class EpochTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def stellarlab_epoch_time(model_name: str, n: int, epochs: int, out_dir: Path) -> tuple[float, int, dict]:
+def stellarlab_epoch_time(
+    model_name: str, n: int, epochs: int, out_dir: Path, overrides: tuple[str, ...] = (), accelerator: str = "cpu"
+) -> tuple[float, int, dict]:
     """Median time of a training epoch after the first, with train.py's trainer, logger and step callbacks."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model_name}", "trainer.accelerator=cpu"])
+        cfg = compose(config_name="train", overrides=[f"model={model_name}", f"trainer.accelerator={accelerator}", *overrides])
     with open_dict(cfg):
         cfg.paths = {"output_dir": str(out_dir), "log_dir": str(out_dir), "cache_dir": str(out_dir), "root_dir": str(out_dir)}
     pl.seed_everything(0, verbose=False)
-    dm = RandomSpectra(n, split=[n - 2, 1, 1], batch_size=cfg.data.batch_size)
+    dm = RandomSpectra(n, split=[n - 2, 1, 1], batch_size=cfg.data.batch_size, device_resident=cfg.data.get("device_resident", "auto"))
     dm.setup()
     model = hydra.utils.instantiate(cfg.model, **dm.model_spec(), optimizer=cfg.optimizer)
     timer = EpochTimer()
