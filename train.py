@@ -4,11 +4,14 @@
     python train.py model=cnn trainer.accelerator=mps # any group option, any override
     python train.py -m model=linear,mlp,cnn           # Hydra multirun: one folder per job
     python train.py hparams_search=optuna             # Optuna study (TPE) over lr, widths, dropout, ...
+    python train.py resume=last                       # continue the newest unfinished run in its folder
 
 Seeds, builds data, model and trainer from the config, fits, tests the best checkpoint, prints the
 test metrics per label in physical units with their bootstrap intervals and writes them to
 `<run folder>/metrics.json`. Returns the best validation value (`optimized_metric`) for sweepers.
 In a multirun a failing job is recorded as failed and the sweep goes on (`stellarlab/sweep.py`).
+A run folder that already holds `checkpoints/last.ckpt` is continued from it (`resume=`, a requeued
+Slurm job); SIGTERM or Ctrl-C saves that checkpoint before the run exits (`stellarlab/resume.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from omegaconf import DictConfig
 
 from stellarlab.config import instantiate_group, register_resolvers
 from stellarlab.errors import ConfigError, StellarlabError
+from stellarlab.resume import resume_argv, resume_point, run_lock, tensorboard_continuing, use_resume_folder
 from stellarlab.sweep import in_multirun, record_failure, root_cause
 
 log = logging.getLogger("stellarlab.train")
@@ -31,14 +35,20 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; returns the summary also written to metrics.json."""
+    from stellarlab.validation import validate_train_config
+
+    validate_train_config(cfg)  # a value that cannot work: one line now, not a library traceback later
     import pytorch_lightning as pl
     import torch
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from stellarlab.callbacks import ExactResume, GracefulStop
     from stellarlab.devices import check_trainer_config
     from stellarlab.evaluation import test_model
     from stellarlab.hparams import log_final_metrics, log_hyperparameters
     from stellarlab.reports import write_json_atomic
 
+    use_resume_folder(cfg)  # train(cfg) with resume= set; on the command line resume_argv has done it
     output_dir = Path(cfg.paths.output_dir)
     device = check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
     if device == "cuda":
@@ -57,12 +67,20 @@ def train(cfg: DictConfig) -> dict:
         scheduler=cfg.get("scheduler"),
         wavelength=torch.tensor(datamodule.wavelength, dtype=torch.float32),
     )
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False)
+    resumed_from = resume_point(output_dir)  # an interrupted (or requeued) run continues from its last.ckpt
+    loggers = instantiate_group(tensorboard_continuing(cfg.get("logger"), resumed_from))
+    # Always on, whatever the callbacks group says: a run must stay resumable.
+    stop = GracefulStop(output_dir / "checkpoints")
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ExactResume(), stop]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hyperparameters(trainer.loggers, cfg, model.n_parameters, datamodule.label_names)
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    try:
+        with stop.signals():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resumed_from and resumed_from["checkpoint"])
+    except SIGTERMException:
+        stop.exit(output_dir)  # exits 128 + signal, or hands over to the launcher's requeue handler
     train_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.optimized_metric not in fit_metrics:
@@ -82,10 +100,15 @@ def train(cfg: DictConfig) -> dict:
         "label_names": list(datamodule.label_names),
         "split_sizes": {k: int(len(v)) for k, v in datamodule.split_index.items()},
     }
+    if resumed_from is not None:
+        summary["resumed_from"] = resumed_from  # train_seconds counts this process only
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     summary["best_checkpoint"] = checkpoint
     if cfg.get("test") and len(datamodule.split_index["test"]):
-        test_model(trainer, model, datamodule, summary, cfg, ckpt_path=checkpoint)
+        try:
+            test_model(trainer, model, datamodule, summary, cfg, ckpt_path=checkpoint)
+        except SIGTERMException:
+            stop.exit(output_dir)
 
     log_final_metrics(trainer.loggers, summary, trainer.global_step)
     if trainer.is_global_zero:
@@ -99,7 +122,8 @@ def main(cfg: DictConfig) -> float:
     """One run: a stellarlab error is one line on stderr and exit 2. In a multirun a failing job is
     recorded (metrics.json `status: failed`) and returns a value instead, so the other jobs go on."""
     try:
-        summary = train(cfg)
+        with run_lock(cfg.paths.output_dir):  # `resume=` refuses a folder a live process is training
+            summary = train(cfg)
     except Exception as err:
         if in_multirun():
             return record_failure(cfg, err)
@@ -113,4 +137,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:  # resume=last|<folder>: the old run's overrides and its folder, before Hydra picks a new one
+        sys.argv[1:] = resume_argv(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

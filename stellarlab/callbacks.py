@@ -1,13 +1,37 @@
-"""Callbacks stellarlab adds to Lightning's: figures in TensorBoard and as PNG files in the run folder."""
+"""Callbacks and the checkpoint plugin stellarlab adds to Lightning's.
+
+- `FigureLogger`: figures in TensorBoard and as PNG files in the run folder.
+- `ExactResume`: what Lightning's checkpoint lacks for a resumed run to repeat an uninterrupted one.
+- `GracefulStop`: SIGTERM, Ctrl-C or Slurm's requeue signal save `last.ckpt` before the run exits.
+- `AtomicCheckpointIO`: checkpoints are renamed into place, never half-written under their name.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from stellarlab.plots import example_spectra_figure, pred_vs_true_figure
+from stellarlab.reports import atomic_path
+from stellarlab.resume import pid_alive
+
+log = logging.getLogger("stellarlab.callbacks")
 
 
 class FigureLogger(pl.Callback):
@@ -22,8 +46,8 @@ class FigureLogger(pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
         out = Path(self.save_dir or Path(trainer.default_root_dir) / "figures")
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / (tag.replace("/", "_") + ".png"), dpi=110)
+        with atomic_path(out / (tag.replace("/", "_") + ".png")) as tmp:  # a killed run leaves no half PNG
+            fig.savefig(tmp, dpi=110)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -40,3 +64,223 @@ class FigureLogger(pl.Callback):
             return
         fig = pred_vs_true_figure(results["pred"], results["true"], pl_module.label_names)
         self._emit(trainer, "test/pred_vs_true", fig)
+
+
+# -- resuming ------------------------------------------------------------------------------------------
+def rng_states() -> dict:
+    """The global random generators' states as tensors and plain lists (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
+
+
+class ExactResume(pl.Callback):
+    """What Lightning's checkpoint lacks for a resumed run to repeat the uninterrupted one.
+
+    - The global RNG states (torch, numpy, python, CUDA/MPS): the shuffling of the next epoch and
+      dropout draw from them, and Lightning restores none. They are saved with every checkpoint and
+      set back when training resumes from it, before the next epoch's data iterator is created.
+      Epoch-end checkpoints are written at the end of validation, after which nothing draws random
+      numbers until the next epoch begins (the resumed run's sanity check runs under Lightning's
+      `isolate_rng`), so a resumed run replays that epoch exactly.
+    - Loggers are flushed when an epoch starts: TensorBoard otherwise keeps up to 2 minutes of
+      events in memory, which a killed process loses although its checkpoint is on disk.
+    - An early stop decided before the checkpoint stays decided: Lightning does not save
+      `trainer.should_stop`, so a resumed run would otherwise train one more epoch.
+    """
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_states()}
+
+    def __init__(self):
+        self.restored = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # called while fit() restores the checkpoint, before the train data iterator exists
+        self.restored = True
+        if "rng" in state_dict:
+            set_rng_states(state_dict["rng"])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.restored:
+            return
+        for cb in trainer.callbacks:
+            if isinstance(cb, EarlyStopping) and (cb.stopped_epoch > 0 or 0 < cb.wait_count >= cb.patience):
+                trainer.should_stop = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class GracefulStop(pl.Callback):
+    """SIGTERM (Slurm preemption, scancel, kill), Ctrl-C, or the requeue signal: save `last.ckpt`, then stop.
+
+    Lightning turns SIGTERM into `SIGTERMException` once the current batch is done, a point where the
+    state is consistent; this callback saves `<dirpath>/last.ckpt` there. Ctrl-C and the requeue signal
+    (`SUBMITIT_PREEMPT_SIGNAL`, USR2 by default: what submitit asks Slurm to send before the time limit
+    or on preemption) are routed the same way while `signals()` is active. Afterwards `exit()` ends
+    the process with 128 + the signal's number, or hands over to the launcher's requeue handler.
+    A second Ctrl-C stops at once without saving.
+    """
+
+    def __init__(self, dirpath: str | Path, requeue_signal: str | None = None):
+        self.dirpath = Path(dirpath)
+        name = requeue_signal or os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        self.requeue_signal = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+        self.signum: int | None = None  # the signal that stopped the run
+        self.checkpoint_path: Path | None = None
+        self.where = ""
+        self._training = False
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:  # ddp_spawn pickles callbacks; signal handlers stay with this process
+        return {**self.__dict__, "_previous": {}}
+
+    # -- signal handling around trainer.fit --------------------------------------------------------
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[GracefulStop]:
+        """Route Ctrl-C and the requeue signal to Lightning's SIGTERM handling while fitting."""
+        import threading
+
+        mine = [s for s in (signal.SIGINT, self.requeue_signal) if s is not None]
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._previous = {s: signal.getsignal(s) for s in mine}
+        for s in mine:
+            signal.signal(s, self._on_signal)
+        try:
+            yield self
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process handles it
+            return
+        if not self._training or self.signum is not None:  # not in the training loop, or asked twice: as before
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)  # Ctrl-C: KeyboardInterrupt; submitit's handler: requeue without a new checkpoint
+            elif previous != signal.SIG_IGN:  # the default action (USR2: terminate)
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        log.warning(
+            "%s: saving a checkpoint at the end of this batch, then stopping%s",
+            signal.Signals(signum).name,
+            " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else "",
+        )
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler raises SIGTERMException after the batch
+
+    # -- Lightning hooks -------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._training = False
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.signum = self.signum or signal.SIGTERM
+        self.where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)
+        self.checkpoint_path = path
+
+    # -- after trainer.fit raised SIGTERMException ---------------------------------------------------
+    def exit(self, run_dir: str | Path) -> None:
+        """Log what was saved and how to resume; exit 128 + signal, or let the launcher requeue the job."""
+        signum = self.signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        if self.checkpoint_path is not None:
+            log.warning(
+                "stopped by %s at %s; saved %s. Resume with: python train.py resume=%s",
+                name, self.where, self.checkpoint_path, run_dir,
+            )
+        else:
+            log.warning("stopped by %s outside training (%s); checkpoints in %s are as they were", name, self.where or "-", self.dirpath)
+        previous = self._previous.get(signum)
+        if signum == self.requeue_signal and callable(previous):
+            log.info("handing over to the launcher's %s handler (requeue)", name)
+            previous(signum, None)
+        raise SystemExit(128 + int(signum))
+
+
+# -- atomic checkpoints -------------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, fsynced, then renamed over it.
+
+    Lightning's own save writes a temporary file in the system temp folder and `shutil.move`s it: when
+    that folder is on another file system than the run (usual on clusters: local /tmp, shared outputs)
+    the move is a copy into the final name, which a kill leaves half-written. A temporary left by a
+    killed save (`.<name>.tmp-<host>-<pid>-<random>`) is never read, and removed by the next save here.
+    Remote paths (s3://...) go through Lightning's save.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries(path.parent)
+        tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _remove_stale_temporaries(folder: Path) -> None:
+        host = socket.gethostname()
+        for tmp in folder.glob(".*.tmp-*"):
+            try:
+                tmp_host, pid, _ = tmp.name.rsplit(".tmp-", 1)[1].rsplit("-", 2)
+                pid = int(pid)
+            except ValueError:
+                continue
+            if tmp_host == host and pid != os.getpid() and not pid_alive(pid):
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s, left by a killed checkpoint save", tmp)
