@@ -11,6 +11,8 @@ import torch
 from stellarlab.errors import ConfigError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+#: Lightning 2's precision names and their short aliases (anything else fails deep inside the Trainer).
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "bf16-true", "16-mixed", "16", "16-true", "64-true", "64")
 
 
 def available_accelerators() -> list[str]:
@@ -51,6 +53,11 @@ def check_trainer_config(accelerator: str, precision) -> str:
     """Validate accelerator and precision together; returns the concrete device type."""
     device = resolve_accelerator(accelerator)
     precision = str(precision)
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} is not a precision Lightning knows; use 32-true (any device), "
+            "bf16-mixed (CPU, CUDA) or 16-mixed (CUDA)"
+        )
     if device == "mps" and precision not in ("32", "32-true"):
         raise ConfigError(f"trainer.precision={precision} is not supported on MPS; use trainer.precision=32-true")
     if device == "cpu" and precision in ("16", "16-mixed", "16-true"):

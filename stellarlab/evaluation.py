@@ -2,10 +2,15 @@
 
 One function so both give the same numbers: test metrics per label in physical units, their
 bootstrap intervals, the printed table, and the per-spectrum test predictions as a CSV.
+
+Under DDP with `strategy=ddp_spawn` the test runs in spawned processes and the model object here never
+sees its `test_results`: rank 0 leaves them in `<run>/test_predictions.npz` (`save_test_results`, full
+precision, with the metrics it computed) and `test_model` reads them back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -46,10 +51,46 @@ def write_test_predictions(path: Path, results: dict, label_names: list[str]) ->
     return path
 
 
+def save_test_results(path: Path, results: dict, extra: dict | None = None) -> Path:
+    """Test results (pred/true/sigma arrays, loss, metrics, calibration) plus `extra` floats, as one .npz, atomically."""
+    arrays = {k: np.asarray(results[k]) for k in ("pred", "true", "sigma") if results.get(k) is not None}
+    scalars = {"loss": results["loss"], "metrics": results["metrics"], "calibration": results.get("calibration"), **(extra or {})}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays, scalars=np.array(json.dumps(scalars, allow_nan=True)))
+    return Path(path)
+
+
+def load_test_results(path: Path) -> tuple[dict, dict]:
+    """(results as `model.test_results` holds them, the extra floats) from `save_test_results`' file."""
+    with np.load(path, allow_pickle=False) as data:
+        scalars = json.loads(str(data["scalars"]))
+        results = {k: data[k] for k in ("pred", "true", "sigma") if k in data.files}
+    results.update(loss=scalars.pop("loss"), metrics=scalars.pop("metrics"))
+    calibration = scalars.pop("calibration")
+    if calibration is not None:
+        results["calibration"] = calibration
+    return results, scalars
+
+
 def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | None = None) -> dict:
     """trainer.test on the test split; adds test loss, metrics, intervals to `summary` and writes the predictions."""
+    from stellarlab.models.base import TEST_RESULTS_FILE
+
+    handoff = Path(trainer.default_root_dir) / TEST_RESULTS_FILE
+    if trainer.is_global_zero:
+        handoff.unlink(missing_ok=True)  # never read an earlier test's results
+    model.test_results = None
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     results = model.test_results
+    if results is None:  # ddp_spawn: the test ran in spawned processes; rank 0 left its results on disk
+        if not handoff.is_file():
+            raise RuntimeError(f"trainer.test produced no results in this process and no {handoff}")
+        results, extra = load_test_results(handoff)
+        model.test_results = results
+        model.best_val_loss, model.best_val_mse = extra["best_val_loss"], extra["best_val_mse"]
+        if "best_val_loss" in summary:  # fit ran in spawned processes too: this object never trained
+            summary["best_val_loss"] = model.best_val_loss
     summary["test_loss"] = results["loss"]
     summary["test"] = results["metrics"]
     if results.get("calibration"):

@@ -85,7 +85,7 @@ def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
 def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
     """Files named directly, or every file of the format in a folder (sorted, so output order is stable)."""
     if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} is not one of {list(FORMATS)}")
+        raise ConfigError(f"format={fmt!r} is not one of {list(FORMATS)}; format=auto tells it from each file's name")
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     files: list[Path] = []
     for item in items:
@@ -99,7 +99,7 @@ def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise DataError(f"input {path}: no such file or folder")
+            raise DataError(f"input {path}: no such file or folder; give input=<file>, <folder> or [<file>,<file>,...]")
     return files
 
 
@@ -136,12 +136,14 @@ def resample(flux: np.ndarray, weight: np.ndarray, wave_in: np.ndarray, wave_out
 def _read_npy(path: Path, preprocessing: dict, n_pixels: int, wavelength: np.ndarray, input_wavelength) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
         flux = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise DataError(f"{path}: not a readable .npy array ({err}); is the file truncated?") from err
     if flux.ndim == 1:
         flux = flux[None, :]
-    if flux.ndim != 2 or not np.issubdtype(flux.dtype, np.number):
-        raise DataError(f"{path}: expected a numeric (N, pixels) or (pixels,) array, got {flux.dtype} {list(flux.shape)}")
+    if flux.ndim != 2 or flux.dtype.kind not in "iuf":
+        raise DataError(f"{path}: expected a real-valued (N, pixels) or (pixels,) array, got {flux.dtype} {list(flux.shape)}")
+    if flux.size == 0:
+        raise DataError(f"{path}: the array {list(flux.shape)} holds no spectra; save the spectra as an (N, pixels) array")
     flux = np.asarray(flux, dtype=np.float32)
     weight = np.isfinite(flux).astype(np.float32)
     transform = preprocessing.get("flux_transform", "none")
@@ -156,9 +158,16 @@ def _read_npy(path: Path, preprocessing: dict, n_pixels: int, wavelength: np.nda
                 f"({wavelength[0]:.2f}-{wavelength[-1]:.2f} A); pass input_wavelength=<.npy of {flux.shape[1]} wavelengths in A> "
                 "to resample them onto it"
             )
-        wave_in = np.asarray(np.load(input_wavelength), dtype=np.float64)
-        if wave_in.shape != (flux.shape[1],):
-            raise DataError(f"input_wavelength={input_wavelength} has {wave_in.size} values, {path} has {flux.shape[1]} pixels")
+        try:
+            wave_in = np.load(input_wavelength, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"input_wavelength={input_wavelength}: not a readable .npy array ({err})") from err
+        if wave_in.shape != (flux.shape[1],) or wave_in.dtype.kind not in "iuf" or not np.isfinite(wave_in).all():
+            raise DataError(
+                f"input_wavelength={input_wavelength} holds {wave_in.dtype} {list(wave_in.shape)}; {path} needs "
+                f"{flux.shape[1]} finite wavelengths in A, one per pixel"
+            )
+        wave_in = wave_in.astype(np.float64)
         overlap = np.mean((wavelength >= wave_in.min()) & (wavelength <= wave_in.max()))
         if overlap < 0.5:
             raise DataError(
@@ -222,7 +231,11 @@ def read_spectra(
     weight[bad] = 0.0
     empty = bad.all(axis=1)
     if empty.all():
-        raise DataError("no input spectrum has a single usable pixel (all NaN or masked)")
+        names = list(dict.fromkeys(sources))
+        raise DataError(
+            f"no input spectrum has a single usable pixel (all NaN or masked) in {', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}; check that the files hold finite flux (and errors > 0)"
+        )
     return Spectra(ids=ids, files=sources, flux=flux, weight=weight)
 
 

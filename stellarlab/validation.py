@@ -446,7 +446,11 @@ def validate_train_config(cfg) -> None:
     if model is not None and "activation" in model:
         from stellarlab.models.base import ACTIVATIONS
 
-        check_choice("model.activation", model.activation, sorted(ACTIVATIONS))
+        name = str(model.activation)
+        if name.lower() not in ACTIVATIONS:  # the model's own wording (sweep summaries match on it), plus a guess
+            close = difflib.get_close_matches(name.lower(), sorted(ACTIVATIONS), n=1)
+            hint = f"did you mean model.activation={close[0]}? " if close else ""
+            raise ConfigError(f"unknown activation '{name}' (model.activation); {hint}choose one of {sorted(ACTIVATIONS)}")
     if model is not None and "loss" in model:
         from stellarlab.models.base import LOSSES
 

@@ -577,8 +577,8 @@ def test_apogee_config_mistakes_are_caught_before_any_download(server, tmp_path)
     site = ApogeeSite(server, tmp_path)
     with pytest.raises(ConfigError, match=r"data.cuts.aspcapflag_bits: unknown bit name 'STAR_BADD'"):
         download(apogee_cfg(site, tmp_path, "data.cuts.aspcapflag_bits=[STAR_BADD]"))
-    with pytest.raises(ConfigError, match=r"data.cuts='rgb' is not a set of cuts .*e.g. data.cuts.preset=rgb"):
-        download(apogee_cfg(site, tmp_path, "data.cuts=rgb"))
+    with pytest.raises(ConfigError, match=r"data.cuts=5 is not a set of cuts.*e.g. data.cuts.preset=rgb"):
+        download(apogee_cfg(site, tmp_path, "data.cuts=5"))
     with pytest.raises(ConfigError, match=r"data.source='spectra' is unknown; valid sources: aspcapStar, apStar"):
         download(apogee_cfg(site, tmp_path, "data.source=spectra"))
     assert server.requests == []

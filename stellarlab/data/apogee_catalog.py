@@ -117,12 +117,16 @@ def read_catalog(path: str | os.PathLike, columns: Iterable[str] | None = None) 
         )
     try:
         with fits.open(path, memmap=True) as hdul:
-            if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+            try:  # index access reads HDUs 0-1 only (len() would read all of a possibly corrupt file)
+                table_hdu = hdul[1]
+            except IndexError:
+                table_hdu = None
+            if not isinstance(table_hdu, fits.BinTableHDU):
                 raise DataError(
                     f"{path}: HDU 1 is not a table; an allStar catalogue holds its table in HDU 1 "
                     "(re-download the file if it is truncated)"
                 )
-            data = hdul[1].data
+            data = table_hdu.data
             names = list(data.columns.names)
             if columns is None:
                 wanted = names
@@ -206,6 +210,11 @@ def resolved_cuts(cuts: Mapping | None) -> dict:
     """
     if isinstance(cuts, str):
         cuts = {"preset": cuts}
+    if cuts is not None and not isinstance(cuts, Mapping):
+        raise ConfigError(
+            f"data.cuts={cuts!r} is not a set of cuts; give a preset name (data.cuts=rgb) or its keys, "
+            "e.g. data.cuts.preset=rgb data.cuts.snr_min=70 (see conf/data/apogee.yaml)"
+        )
     cuts = dict(cuts or {})
     unknown = sorted(set(cuts) - set(DEFAULT_CUTS))
     if unknown:
@@ -295,10 +304,11 @@ def apply_cuts(table: Table, cuts: Mapping | None, labels: Sequence[str] | None 
         keep = np.asarray(keep_fn(table), dtype=bool)
         n_removed = int((~keep).sum())
         if n_removed == len(table):
-            where = "data.labels" if key == "labels" else f"data.cuts.{key}"
+            fix = ("choose data.labels that these stars have values for" if key == "labels"
+                   else f"loosen data.cuts.{key}")
             raise DataError(
                 f"no star left after the cut '{name}': it removed all {len(table)} remaining stars "
-                f"(earlier cuts removed: {'; '.join(f'{n}: {k}' for n, k in removed) or 'nothing'}); loosen {where}"
+                f"(earlier cuts removed: {'; '.join(f'{n}: {k}' for n, k in removed) or 'nothing'}); {fix}"
             )
         if n_removed:
             table = table[keep]

@@ -26,6 +26,7 @@ APOGEE_NPIX = 8575
 #: Detector chips (blue, green, red), end-exclusive pixel ranges: 7514 pixels in all.
 CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
 N_CHIP_PIXELS = sum(hi - lo for lo, hi in CHIP_RANGES)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def apogee_wavelength(gap_deleted: bool = False) -> np.ndarray:
@@ -60,21 +61,30 @@ class PixelConfig:
         return N_CHIP_PIXELS if self.gap_deleted else APOGEE_NPIX
 
 
-def _native_float32(data, path, hdu: int, row: int | None) -> np.ndarray:
-    """Row `row` of a 2-D image (or the 1-D image) as native float32, after checking the pixel count."""
+def _native_float32(data, path, hdu: int, row: int | None, keep_integers: bool = False) -> np.ndarray:
+    """Row `row` of a 2-D image (or the 1-D image) as native float32 (integers kept for a bitmask), after
+    checking that it holds numbers and the pixel count."""
     if data is None:
         raise DataError(f"{path}: HDU{hdu} holds no data; re-download the file")
     arr = np.asarray(data)
+    if arr.dtype.kind not in "iuf":  # e.g. a table where an image should be
+        raise DataError(
+            f"{path}: HDU{hdu} holds {arr.dtype} data, not an image of numbers; is this an APOGEE spectrum file "
+            "of the right kind (data.source)?"
+        )
     if arr.ndim == 2 and row is not None:
         if row >= arr.shape[0]:
-            raise DataError(f"{path}: HDU{hdu} has {arr.shape[0]} rows, row {row} was asked for")
+            raise DataError(
+                f"{path}: HDU{hdu} has {arr.shape[0]} rows, row {row} was asked for; the file is incomplete: "
+                "delete it and download it again"
+            )
         arr = arr[row]
     if arr.ndim != 1 or arr.shape[0] != APOGEE_NPIX:
         raise DataError(
             f"{path}: HDU{hdu} has shape {arr.shape}, expected {APOGEE_NPIX} pixels (the DR17 apStar grid"
             f"{' or (rows, 8575)' if row is not None else ''}); is this a DR17 file of the right kind?"
         )
-    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+    return arr if keep_integers and arr.dtype.kind in "iu" else arr.astype(np.float32)
 
 
 def _check_grid(header, path) -> None:
@@ -84,7 +94,8 @@ def _check_grid(header, path) -> None:
         if abs(float(crval) - APOGEE_LOGLAM0) > 1e-6 or abs(float(cdelt) - APOGEE_DLOGLAM) > 1e-10:
             raise DataError(
                 f"{path}: wavelength grid CRVAL1={crval}, CDELT1={cdelt} is not the DR17 grid "
-                f"(CRVAL1={APOGEE_LOGLAM0}, CDELT1={APOGEE_DLOGLAM})"
+                f"(CRVAL1={APOGEE_LOGLAM0}, CDELT1={APOGEE_DLOGLAM}); use the star's DR17 file, or give spectra on "
+                "another grid to predict.py as .npy with input_wavelength=<their wavelengths> to resample them"
             )
 
 
@@ -94,15 +105,22 @@ def _open_error(path, err: Exception) -> DataError:
     )
 
 
+def _require_hdus(hdul, n: int, path, layout: str) -> None:
+    """DataError unless the file has HDUs 0..n-1. Reads only those: `len(hdul)` reads every HDU, and a corrupt
+    header with a negative data size sends astropy back to the same HDU forever."""
+    try:
+        hdul[n - 1]
+    except IndexError:
+        raise DataError(
+            f"corrupt or incomplete FITS file {path}: fewer than {n} HDUs, {layout}; delete it and download it again"
+        ) from None
+
+
 def read_aspcapstar(path) -> tuple[np.ndarray, np.ndarray]:
     """Normalised flux (HDU1) and its error (HDU2) as native float32 (8575,)."""
     try:
         with fits.open(path, memmap=False) as hdul:
-            if len(hdul) < 3:
-                raise DataError(
-                    f"corrupt or incomplete FITS file {path}: {len(hdul)} HDUs, an aspcapStar file has flux in HDU1 "
-                    "and error in HDU2; delete it and download it again"
-                )
+            _require_hdus(hdul, 3, path, "an aspcapStar file has flux in HDU1 and error in HDU2")
             _check_grid(hdul[1].header, path)
             flux = _native_float32(hdul[1].data, path, 1, None)
             err = _native_float32(hdul[2].data, path, 2, None)
@@ -117,21 +135,20 @@ def read_apstar(path, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Row `row` (0: the pixel-weighted combination) of flux, error (native float32) and APOGEE_PIXMASK (int64)."""
     try:
         with fits.open(path, memmap=False) as hdul:
-            if len(hdul) < 4:
-                raise DataError(
-                    f"corrupt or incomplete FITS file {path}: {len(hdul)} HDUs, an apStar file has flux, error and "
-                    "bitmask in HDU1-3; delete it and download it again"
-                )
+            _require_hdus(hdul, 4, path, "an apStar file has flux, error and bitmask in HDU1-3")
             _check_grid(hdul[1].header, path)
             flux = _native_float32(hdul[1].data, path, 1, row)
             err = _native_float32(hdul[2].data, path, 2, row)
-            mask = _native_float32(hdul[3].data, path, 3, row)
+            mask = _native_float32(hdul[3].data, path, 3, row, keep_integers=True)
     except DataError:
         raise
     except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
         raise _open_error(path, err) from err
     if mask.dtype.kind not in "iu":
-        raise DataError(f"{path}: HDU3 should be the integer APOGEE_PIXMASK, found {mask.dtype}")
+        raise DataError(
+            f"{path}: HDU3 should be the integer APOGEE_PIXMASK, found {mask.dtype}; is this an apStar/asStar file? "
+            "(aspcapStar files need data.source=aspcapStar, or format=aspcapStar in predict.py)"
+        )
     return flux, err, mask.astype(np.int64)
 
 
@@ -148,10 +165,13 @@ def continuum(flux: np.ndarray, err: np.ndarray, usable: np.ndarray, degree: int
     """Per-chip continuum: a Chebyshev fit weighted by 1/err^2 over usable pixels, refitted after dropping
     pixels more than clip_low sigma below it (absorption lines) or clip_high above it (spikes).
 
-    Returns the continuum on the full grid, NaN outside the chips and on a chip with too few pixels to fit.
+    Returns the continuum on the full grid, NaN outside the chips and on a chip with too few pixels to fit
+    (or whose values are too extreme to fit: the least-squares solver fails to converge).
     """
     cont = np.full(flux.shape, np.nan, dtype=np.float64)
     f64, e64 = flux.astype(np.float64), err.astype(np.float64)
+    with np.errstate(divide="ignore", over="ignore"):
+        usable = usable & np.isfinite(1.0 / e64) & (np.abs(f64) < 1e150)  # weights and squares stay finite
     min_pixels = 4 * (degree + 1)
     for lo, hi in CHIP_RANGES:
         f, e, ok = f64[lo:hi], e64[lo:hi], usable[lo:hi]
@@ -160,7 +180,12 @@ def continuum(flux: np.ndarray, err: np.ndarray, usable: np.ndarray, degree: int
         x = np.linspace(-1.0, 1.0, hi - lo)
         use = ok
         for it in range(iterations + 1):
-            coef = chebyshev.chebfit(x[use], f[use], degree, w=1.0 / e[use])  # w multiplies residuals: chi^2 weights 1/err^2
+            try:  # w multiplies residuals: chi^2 weights 1/err^2
+                with np.errstate(all="ignore"):
+                    coef = chebyshev.chebfit(x[use], f[use], degree, w=1.0 / e[use])
+            except (np.linalg.LinAlgError, ValueError):
+                model = np.full(hi - lo, np.nan)
+                break
             model = chebyshev.chebval(x, coef)
             if it == iterations:
                 break
@@ -187,7 +212,9 @@ def spectrum_arrays(
             err = err / cont
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         good &= np.isfinite(flux) & (err <= cfg.max_flux_error)
-        weight = np.where(good, 1.0 / np.square(err, dtype=np.float64), 0.0).astype(np.float32)
+        ivar = 1.0 / np.square(err, dtype=np.float64)
+        good &= (np.abs(flux) <= FLOAT32_MAX) & (ivar <= FLOAT32_MAX)  # would be inf in the float32 output
+        weight = np.where(good, ivar, 0.0).astype(np.float32)
     flux_out = np.where(good, flux, 1.0).astype(np.float32)
     if cfg.gap_deleted:
         keep = chip_mask()

@@ -1,12 +1,29 @@
-"""The DataModule every survey shares: tensors once, split by star, labels standardised on train.
+"""The DataModule every survey shares: split by star, labels standardised on train, batches gathered whole.
 
 A survey subclass only says how to get its arrays (`load_arrays`); everything a user must be able
 to trust (the split, the label scaling, bad-pixel handling, batching) lives here, once.
+
+Two ways to hold the spectra (`in_memory`):
+
+- in memory: every split is copied once into native float32 tensors; a batch is one index op.
+- streaming: the flux stays in its memory-mapped `.npy` file and each batch reads only its rows
+  (`RowReader`), so training on a cache larger than RAM needs the memory of a few batches. Rows are
+  read with positional reads (`os.preadv`) into fresh buffers, not through the mapping: pages that
+  a mapping touched count in the process's resident memory until the kernel drops them (300 random
+  128-row batches indexed from a 690 MB np.memmap left 650 MB resident; the same reads with pread
+  left none: the page cache behind them is not the process's memory). `in_memory=auto` streams
+  memory-mapped data whose flux + weight exceed `in_memory_max_gb`.
+
+Either way `datamodule.tensors[split]` (also `split_arrays(split)`) holds `flux`, `weight`, `labels`
+(standardised), `labels_phys` and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
+row-indexable views that read on demand.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 BATCH_KEYS = ("flux", "labels")  # what a training/eval batch holds
+EVAL_INDEX_KEY = "index"  # val/test batches also carry their rows' positions in the split (exact DDP metrics)
+PIXEL_KEYS = ("flux", "weight")  # the (N, P) arrays; everything else per spectrum is small and kept in RAM
+SCAN_BLOCK_BYTES = 1 << 24  # rows read per step of the bad-pixel scan and of copies: 16 MB
 
 
 @dataclass
@@ -38,22 +58,201 @@ class SpectraArrays:
     extra: dict = field(default_factory=dict)  # per-spectrum extras, e.g. "snr": (N,)
 
 
-class BatchDataset(Dataset):
-    """Tensors indexed a whole batch at a time (`__getitems__`): one gather per tensor, no per-item Python."""
+def _file_region(array) -> tuple[str, int] | None:
+    """(path, byte offset of row 0) when `array` is a C-contiguous 2-D view of a memory-mapped file, else None."""
+    if not isinstance(array, np.memmap) or getattr(array, "_mmap", None) is None or not array.filename:
+        return None
+    if array.ndim != 2 or not array.flags.c_contiguous or array.size == 0:
+        return None
+    # np.memmap maps the file from `offset` rounded down to the allocation granularity; views keep the
+    # creation offset, so the file position of this view follows from its address inside the mapping.
+    mapping_start = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+    mapping_address = np.frombuffer(array._mmap, dtype=np.uint8).ctypes.data
+    return str(array.filename), mapping_start + array.ctypes.data - mapping_address
 
-    def __init__(self, **tensors: torch.Tensor):
+
+class RowReader:
+    """Rows of a 2-D array, any set of them at once, as native float32 (C-contiguous, shape (n, P)).
+
+    A memory-mapped `.npy` is read with one positional read per run of consecutive rows (runs issued in
+    file order), straight into the result: nothing stays mapped, so resident memory is the rows asked
+    for. Any other array (in RAM, broadcast) is indexed directly. Pickles as (path, offset) for mapped
+    files, so DataLoader workers and DDP processes reopen the file instead of copying the array.
+    """
+
+    def __init__(self, array: np.ndarray):
+        if np.ndim(array) != 2:
+            raise DataError(f"expected a 2-D (spectra, pixels) array, got shape {np.shape(array)}")
+        self.shape = tuple(int(s) for s in array.shape)
+        self.file_dtype = np.dtype(array.dtype)
+        region = _file_region(array)
+        self.path, self.offset = region if region else (None, 0)
+        self.array = None if region else array
+        self.row_bytes = self.shape[1] * self.file_dtype.itemsize
+        self._fd = -1
+        self._fh = None
+
+    @property
+    def mapped(self) -> bool:
+        return self.path is not None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": -1, "_fh": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+        if getattr(self, "_fh", None) is not None:
+            self._fh.close()
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows (any order, repeats allowed) as a new (len(rows), P) float32 array."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for an array of {self.shape[0]} rows")
+        if not self.mapped:
+            out = np.take(self.array, rows, axis=0)
+            return out if out.dtype == np.float32 and out.dtype.isnative else out.astype(np.float32)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.file_dtype)
+        if len(rows):
+            self._read_into(rows, out.reshape(len(rows), -1).view(np.uint8))
+        return out if self.file_dtype == np.float32 and self.file_dtype.isnative else out.astype(np.float32)
+
+    def _read_into(self, rows: np.ndarray, raw: np.ndarray) -> None:
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
+        starts = np.concatenate(([0], breaks))
+        stops = np.concatenate((breaks, [len(rows)]))
+        for k in np.argsort(rows[starts], kind="stable").tolist():  # in file order: readahead-friendly
+            a, b = int(starts[k]), int(stops[k])
+            self._pread(memoryview(raw[a:b]).cast("B"), self.offset + int(rows[a]) * self.row_bytes)
+
+    def _pread(self, buffer: memoryview, position: int) -> None:
+        if hasattr(os, "preadv"):
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            while len(buffer):
+                got = os.preadv(self._fd, [buffer], position)
+                if got <= 0:
+                    raise DataError(f"{self.path} ended early (truncated cache?); delete its cache folder to rebuild it")
+                buffer, position = buffer[got:], position + got
+        else:  # platforms without preadv: a private file object per process
+            if self._fh is None:
+                self._fh = open(self.path, "rb", buffering=0)
+            self._fh.seek(position)
+            while len(buffer):
+                got = self._fh.readinto(buffer)
+                if not got:
+                    raise DataError(f"{self.path} ended early (truncated cache?); delete its cache folder to rebuild it")
+                buffer = buffer[got:]
+
+
+class PixelSource:
+    """Flux and weight of every usable spectrum, read by row; applies the bad-pixel rule when the scan asked for it.
+
+    The rule (non-finite or zero-weight pixels get flux 1 and weight 0) is applied per read: a read-only
+    memory map cannot be fixed in place, and copying it to fix it would defeat streaming. Clean data
+    (what the caches and the synthetic survey hold) skip it.
+    """
+
+    def __init__(self, flux: RowReader, weight: RowReader, needs_fix: bool):
+        self.readers = {"flux": flux, "weight": weight}
+        self.needs_fix = bool(needs_fix)
+        self.n_pixels = flux.shape[1]
+
+    @property
+    def mapped(self) -> bool:
+        return self.readers["flux"].mapped
+
+    def read(self, key: str, rows: np.ndarray) -> np.ndarray:
+        if not self.needs_fix:
+            return self.readers[key].read(rows)
+        flux, weight = self.readers["flux"].read(rows), self.readers["weight"].read(rows)
+        bad = ~np.isfinite(flux) | ~np.isfinite(weight) | (weight <= 0)
+        return np.where(bad, np.float32(1.0), flux) if key == "flux" else np.where(bad, np.float32(0.0), weight)
+
+    def copy(self, key: str, rows: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All the given rows into one float32 tensor (on `out`'s device if given), a block at a time."""
+        out = torch.empty((len(rows), self.n_pixels), dtype=torch.float32) if out is None else out
+        step = max(1, SCAN_BLOCK_BYTES // (4 * max(self.n_pixels, 1)))
+        for i in range(0, len(rows), step):
+            out[i : i + step] = torch.from_numpy(self.read(key, rows[i : i + step]))
+        return out
+
+
+class SplitRows:
+    """One split's rows of `flux` or `weight` in streaming mode: indexes like a tensor, reads on demand.
+
+    `rows[i]`, `rows[a:b]`, `rows[index_tensor]` return float32 tensors; `numpy()` reads the whole split
+    (as much memory as the in-memory copy: meant for small splits and tests).
+    """
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, source: PixelSource, key: str, rows: np.ndarray):
+        self.source, self.key = source, key
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = torch.Size((len(self.rows), source.n_pixels))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"SplitRows({self.key}, {tuple(self.shape)}, streamed)"
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def element_size(self) -> int:
+        return 4
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        if isinstance(key, (int, np.integer)):
+            return torch.from_numpy(self.source.read(self.key, self.rows[[key]]))[0]
+        return torch.from_numpy(self.source.read(self.key, self.rows[key]))
+
+    def numpy(self) -> np.ndarray:
+        return self.source.copy(self.key, self.rows).numpy()
+
+
+def _gather(t: torch.Tensor | SplitRows, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `t`. CPU tensors go through np.take: one memcpy per row, single-threaded; torch's
+    index kernel is 2x slower on one thread and ~10x slower when its threads compete with other processes."""
+    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad:
+        return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=0))
+    return t[index]
+
+
+class BatchDataset(Dataset):
+    """Tensors indexed a whole batch at a time (`__getitems__`): one gather per tensor, no per-item Python.
+
+    A `SplitRows` in place of a tensor reads the batch's rows from the file. `with_index=True` adds the
+    rows' positions (`index`), which lets DDP evaluation drop the rows its sampler repeated.
+    """
+
+    def __init__(self, with_index: bool = False, **tensors: torch.Tensor | SplitRows):
         lengths = {len(t) for t in tensors.values()}
         if len(lengths) != 1:
             raise ValueError(f"tensors of different lengths: { {k: len(t) for k, t in tensors.items()} }")
         self.tensors = tensors
         self.length = lengths.pop()
+        self.with_index = with_index
+        self.device = next(iter(tensors.values())).device
 
     def __len__(self) -> int:
         return self.length
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long, device=next(iter(self.tensors.values())).device)
-        return {k: t[index] for k, t in self.tensors.items()}
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        batch = {k: _gather(t, index) for k, t in self.tensors.items()}
+        if self.with_index:
+            batch[EVAL_INDEX_KEY] = index
+        return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: t[i] for k, t in self.tensors.items()}
@@ -78,6 +277,8 @@ class SpectraDataModule(pl.LightningDataModule):
         pin_memory: bool | str = "auto",
         device_resident: bool | str = "auto",
         device_resident_max_gb: float = 4.0,
+        in_memory: bool | str = "auto",
+        in_memory_max_gb: float = 1.0,
     ):
         super().__init__()
         if not labels:
@@ -97,10 +298,17 @@ class SpectraDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.device_resident must be auto, true or false, got {device_resident!r}")
         self.device_resident = device_resident
         self.device_resident_max_gb = float(device_resident_max_gb)
+        if in_memory not in ("auto", True, False):
+            raise ConfigError(f"data.in_memory must be auto, true or false, got {in_memory!r}")
+        if in_memory_max_gb is None or not float(in_memory_max_gb) >= 0:
+            raise ConfigError(f"data.in_memory_max_gb must be a number >= 0, got {in_memory_max_gb}")
+        self.in_memory = in_memory
+        self.in_memory_max_gb = float(in_memory_max_gb)
+        self.streaming = False  # decided in setup: True when flux/weight are read from their file per batch
         self.scaler: LabelScaler | None = None
         self.wavelength: np.ndarray | None = None
         self.split_index: dict[str, np.ndarray] = {}
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.tensors: dict[str, dict[str, torch.Tensor | SplitRows]] = {}
         self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- what a survey provides -------------------------------------------------------------
@@ -112,7 +320,7 @@ class SpectraDataModule(pl.LightningDataModule):
         if self.tensors:
             return
         arrays = self.load_arrays()
-        flux, weight, labels, star_id, keep = self._validated(arrays)
+        source, labels, star_id, keep = self._validated(arrays)
         self.wavelength = np.asarray(arrays.wavelength, dtype=np.float64)
 
         self.split_index = dict(zip(SPLITS, split_by_star(star_id, self.split, self.split_seed)))
@@ -123,14 +331,15 @@ class SpectraDataModule(pl.LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the training set ({len(train)} spectra); "
                 "lower data.batch_size or use more stars"
             )
+        kept_rows = np.flatnonzero(keep)  # split indices count the kept rows; the source is indexed by file row
+        self.streaming = self._decide_streaming(source, len(kept_rows))
         for name, idx in self.split_index.items():
             phys = torch.from_numpy(np.ascontiguousarray(labels[idx], dtype=np.float32))
-            self.tensors[name] = {
-                "flux": torch.from_numpy(np.ascontiguousarray(flux[idx], dtype=np.float32)),
-                "weight": torch.from_numpy(np.ascontiguousarray(weight[idx], dtype=np.float32)),
-                "labels": self.scaler.transform(phys).float(),
-                "labels_phys": phys,
+            rows = kept_rows[idx]
+            pixels = {
+                key: SplitRows(source, key, rows) if self.streaming else source.copy(key, rows) for key in PIXEL_KEYS
             }
+            self.tensors[name] = {**pixels, "labels": self.scaler.transform(phys).float(), "labels_phys": phys}
         for name, extra in arrays.extra.items():
             kept = np.asarray(extra)[keep]  # split indices count the rows _validated kept
             for split, idx in self.split_index.items():
@@ -144,41 +353,63 @@ class SpectraDataModule(pl.LightningDataModule):
             np.round(self.scaler.std, 4).tolist(),
         )
 
+    def _decide_streaming(self, source: PixelSource, n_rows: int) -> bool:
+        """in_memory=auto streams memory-mapped arrays whose float32 flux + weight exceed in_memory_max_gb."""
+        size_gb = 2 * n_rows * source.n_pixels * 4 / 1e9
+        if self.in_memory == "auto":
+            streaming = source.mapped and size_gb > self.in_memory_max_gb
+        else:
+            streaming = not self.in_memory
+        if streaming:
+            log.info(
+                "streaming %.2f GB of spectra from %s: each batch reads its rows (data.in_memory=%s, in_memory_max_gb=%g)",
+                size_gb, source.readers["flux"].path or "arrays in memory", self.in_memory, self.in_memory_max_gb,
+            )
+        return streaming
+
     def _validated(self, a: SpectraArrays):
-        """Pick the requested labels, check shapes, and make bad pixels harmless (flux 1, weight 0)."""
+        """Pick the requested labels, check shapes, scan for bad pixels and rows without data.
+
+        Returns (pixel source over all rows, labels of kept rows, star ids of kept rows, keep mask). The
+        scan reads a block of rows at a time through `RowReader`, so a memory-mapped cache is checked
+        without N x P temporaries and without leaving its pages resident; nothing is copied here.
+        """
         names = list(a.label_names)
         missing = [n for n in self.label_names if n not in names]
         if missing:
             raise DataError(f"label(s) {missing} not in the data; available labels: {names}")
         labels = np.asarray(a.labels, dtype=np.float32)[:, [names.index(n) for n in self.label_names]]
-        flux = np.asarray(a.flux)
-        weight = np.asarray(a.weight)
-        n, p = flux.shape
-        if weight.shape != (n, p) or labels.shape[0] != n or len(a.star_id) != n or len(a.wavelength) != p:
+        n, p = np.shape(a.flux) if np.ndim(a.flux) == 2 else (None, None)
+        if n is None or np.shape(a.weight) != (n, p) or labels.shape[0] != n or len(a.star_id) != n or len(a.wavelength) != p:
             raise DataError(
-                f"inconsistent array shapes: flux {flux.shape}, weight {weight.shape}, labels {labels.shape}, "
+                f"inconsistent array shapes: flux {np.shape(a.flux)}, weight {np.shape(a.weight)}, labels {labels.shape}, "
                 f"star_id {np.shape(a.star_id)}, wavelength {np.shape(a.wavelength)}"
             )
         if np.isinf(labels).any():
             raise DataError("labels contain +-inf; mark missing labels with NaN instead")
-        # Check in blocks of rows: a memory-mapped cache is scanned without N x P temporaries, and arrays
-        # that are already clean (all finite, flux 1 wherever weight is 0) are not copied.
+        flux, weight = RowReader(a.flux), RowReader(a.weight)
         needs_fix, no_pixel = False, np.zeros(n, dtype=bool)
-        step = max(1, (1 << 22) // max(p, 1))
+        step = max(1, SCAN_BLOCK_BYTES // (4 * max(p, 1)))
         for i in range(0, n, step):
-            f, w = flux[i : i + step], weight[i : i + step]
+            rows = np.arange(i, min(i + step, n))
+            f, w = flux.read(rows), weight.read(rows)
             finite = np.isfinite(f) & np.isfinite(w)
             needs_fix = needs_fix or not (finite.all() and (w >= 0).all() and (f[w == 0] == 1).all())
             no_pixel[i : i + step] = ~(finite & (w > 0)).any(axis=1)
-        if needs_fix:
-            bad = ~np.isfinite(flux) | ~np.isfinite(weight) | (weight <= 0)
-            flux = np.where(bad, np.float32(1.0), flux)
-            weight = np.where(bad, np.float32(0.0), weight)
         keep = np.isfinite(labels).any(axis=1) & ~no_pixel
         if not keep.all():
             log.warning("dropping %d of %d spectra with no usable label or no valid pixel", (~keep).sum(), n)
-            flux, weight, labels = flux[keep], weight[keep], labels[keep]
-        return flux, weight, labels, np.asarray(a.star_id)[keep], keep
+        return PixelSource(flux, weight, needs_fix), labels[keep], np.asarray(a.star_id)[keep], keep
+
+    def split_arrays(self, split: str) -> dict[str, torch.Tensor | SplitRows]:
+        """flux, weight, labels (standardised), labels_phys and extras of one split, in split order.
+
+        In memory these are tensors; when streaming, flux and weight are `SplitRows` (index them to read
+        rows: `split_arrays("train")["flux"][:4]`). Code that must work in both modes uses this.
+        """
+        if split not in self.tensors:
+            raise DataError(f"no split {split!r} set up; call setup() first (splits: {list(self.tensors) or 'none'})")
+        return self.tensors[split]
 
     # -- what the model needs to know about the data ----------------------------------------------
     @property
@@ -227,16 +458,25 @@ class SpectraDataModule(pl.LightningDataModule):
             )
         return self.device_resident is True or fits
 
+    def _on_device(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The split's batch tensors on `device`, made once; streamed rows go to the device a block at a time."""
+        if split not in self._device_tensors:
+            moved = {}
+            for k in BATCH_KEYS:
+                t = self.tensors[split][k]
+                if isinstance(t, SplitRows):
+                    moved[k] = t.source.copy(t.key, t.rows, out=torch.empty(tuple(t.shape), dtype=torch.float32, device=device))
+                else:
+                    moved[k] = t.to(device)
+            self._device_tensors[split] = moved
+            log.info("%s split kept on %s: batches are gathered there, no host-to-device copy per step", split, device)
+        return self._device_tensors[split]
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         device = self._target_device()
         on_device = self._keep_on_device(device)
-        batch_tensors = {k: self.tensors[split][k] for k in BATCH_KEYS}
-        if on_device:
-            if split not in self._device_tensors:
-                self._device_tensors[split] = {k: v.to(device) for k, v in batch_tensors.items()}
-                log.info("%s split kept on %s: batches are gathered there, no host-to-device copy per step", split, device)
-            batch_tensors = self._device_tensors[split]
-        dataset = BatchDataset(**batch_tensors)
+        batch_tensors = self._on_device(split, device) if on_device else {k: self.tensors[split][k] for k in BATCH_KEYS}
+        dataset = BatchDataset(with_index=split != "train", **batch_tensors)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory)
         return DataLoader(
             dataset,

@@ -122,9 +122,15 @@ class _GALAHDataModule(SpectraDataModule):
                 what, int((~keep).sum()), len(keep), int((~has_label).sum()), self.label_names, int((~has_pixel).sum()),
             )
         if not keep.any():
+            fixes = []
+            if not has_label.any():
+                fixes.append("choose data.labels that these spectra have values for")
+            if not has_pixel.any():
+                fixes.append("the flux is NaN/inf or weight 0 everywhere: check the spectrum files (download them again)")
             raise DataError(
                 f"{what}: no spectrum left: {int((~has_label).sum())} of {len(keep)} have none of the labels "
-                f"{self.label_names} (NaN) and {int((~has_pixel).sum())} have no usable pixel; check data.labels"
+                f"{self.label_names} (NaN) and {int((~has_pixel).sum())} have no usable pixel; "
+                + ("; ".join(fixes) or "no spectrum has both a label and a usable pixel: check data.labels and the files")
             )
         if not keep.all():
             flux, weight, labels, star_id, snr = flux[keep], weight[keep], labels[keep], star_id[keep], snr[keep]

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from stellarlab.data.base import SpectraArrays, SpectraDataModule
 from stellarlab.errors import ConfigError
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(key: str, value, minimum: int) -> int:
+    """`value` as an int >= minimum, or a ConfigError naming the key (not int()'s ValueError)."""
+    if not (_is_number(value) and math.isfinite(value) and float(value).is_integer() and value >= minimum):
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value}")
+    return int(value)
 
 
 class SyntheticDataModule(SpectraDataModule):
@@ -23,23 +35,29 @@ class SyntheticDataModule(SpectraDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(snr, (int, float)):
+        if survey not in ("apogee", "galah"):
+            raise ConfigError(f"data.survey={survey} is unknown; valid: apogee, galah (or use data=synthetic_galah)")
+        if _is_number(snr):
             snr_value = float(snr)
-            if not snr_value > 0:
-                raise ConfigError(f"data.snr must be > 0, got {snr}")
+            if not (snr_value > 0 and math.isfinite(snr_value)):
+                raise ConfigError(f"data.snr must be > 0, got {snr}; e.g. data.snr=100")
         else:
-            snr_value = tuple(float(s) for s in snr)
-            if len(snr_value) != 2 or not 0 < snr_value[0] <= snr_value[1]:
-                raise ConfigError(f"data.snr range must be [low, high] with 0 < low <= high, got {list(snr)}")
+            pair = list(snr) if isinstance(snr, Sequence) and not isinstance(snr, str) else []
+            if not (len(pair) == 2 and all(_is_number(s) and 0 < s < math.inf for s in pair) and pair[0] <= pair[1]):
+                raise ConfigError(
+                    f"data.snr must be a number > 0 or a range [low, high] with 0 < low <= high, got {snr}; "
+                    "e.g. data.snr=[30,200]"
+                )
+            snr_value = (float(pair[0]), float(pair[1]))
         if gap_deleted and survey != "apogee":
             raise ConfigError("data.gap_deleted applies to the APOGEE grid only; set it false for survey=galah")
         self.survey_params = dict(
             survey=survey,
-            n_stars=int(n_stars),
+            n_stars=_integer("data.n_stars", n_stars, 1),
             snr=snr_value,
-            spectra_per_star=int(spectra_per_star),
+            spectra_per_star=_integer("data.spectra_per_star", spectra_per_star, 1),
             gap_deleted=bool(gap_deleted),
-            seed=int(seed),
+            seed=_integer("data.seed", seed, 0),
             cache_dir=cache_dir,
         )
         self._survey = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -43,6 +44,12 @@ LOSSES = ("mse", "gaussian_nll")
 # bad batch cannot blow the variance up exponentially.
 SIGMA_MIN = 1e-3
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# Epoch-level val/test values are computed from predictions all_gathered from every rank, so each rank
+# holds the same global number. Logging them with a max-reduction across ranks returns that number
+# exactly and tells Lightning they are synchronised (no "use sync_dist=True" warning under DDP).
+GLOBAL = {"sync_dist": True, "reduce_fx": "max"}
+#: Where rank 0 of a multi-process test leaves its results for the launching process (ddp_spawn).
+TEST_RESULTS_FILE = "test_predictions.npz"
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -98,6 +105,16 @@ def _rms_z(mean: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> tor
     return torch.where(counts > 0, torch.sqrt(z2.sum(0) / counts.clamp(min=1)), torch.ones_like(counts, dtype=z2.dtype))
 
 
+def _drop_repeats(index: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Rows of `tensors` sorted by `index`, each index kept once: the split in its own order, as one process sees it."""
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    keep = order[first]
+    return [None if t is None else t[keep] for t in tensors]
+
+
 class SpectrumRegressor(pl.LightningModule):
     """Base for all models. `forward(flux)` returns standardised label means; `predict_physical` undoes the scaling.
 
@@ -146,6 +163,8 @@ class SpectrumRegressor(pl.LightningModule):
         self.test_results: dict | None = None
         # per batch: (means, targets) or, with gaussian_nll, (means, targets, sigmas); standardised units
         self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {"val": [], "test": []}
+        # per batch: the rows' positions in the split, when the DataModule provides them (`index`)
+        self._eval_index: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self._train_loss_sum = torch.zeros(())
         self._train_loss_count = 0
         self._epoch_sigma = None  # physical sigmas (numpy) of the last _epoch_results, gaussian_nll only
@@ -229,6 +248,8 @@ class SpectrumRegressor(pl.LightningModule):
         mean, sigma = self._mean_and_sigma(batch["flux"])
         row = (mean.detach(), batch["labels"]) if sigma is None else (mean.detach(), batch["labels"], sigma.detach())
         self._outputs[stage].append(row)
+        if "index" in batch:
+            self._eval_index[stage].append(batch["index"])
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)
@@ -243,8 +264,8 @@ class SpectrumRegressor(pl.LightningModule):
         left in `self._epoch_sigma`. Logs `<stage>/loss` (the configured loss) and `<stage>/mse`
         (the standardised MSE of the means, the same number for every loss, so runs compare).
         """
-        outputs = self._outputs[stage]
-        self._outputs[stage] = []
+        outputs, index = self._outputs[stage], self._eval_index[stage]
+        self._outputs[stage], self._eval_index[stage] = [], []
         pred = torch.cat([o[0] for o in outputs])
         target = torch.cat([o[1] for o in outputs])
         sigma = torch.cat([o[2] for o in outputs]) if outputs and len(outputs[0]) > 2 else None
@@ -253,12 +274,15 @@ class SpectrumRegressor(pl.LightningModule):
             target = self.all_gather(target).flatten(0, 1)
             if sigma is not None:
                 sigma = self.all_gather(sigma).flatten(0, 1)
+            if index:  # DistributedSampler repeats rows to even out the ranks: keep each row once
+                index = self.all_gather(torch.cat(index)).flatten(0, 1)
+                pred, target, sigma = _drop_repeats(index, pred, target, sigma)
         mse = masked_mse(pred, target)
         if sigma is not None:
             if stage == "val" and not self.trainer.sanity_checking:
                 self.sigma_scale.copy_(_rms_z(pred.float(), sigma, target))
                 for label, value in zip(self.label_names, self.sigma_scale.tolist()):
-                    self.log(f"val/sigma_scale_{label}", value, sync_dist=False)
+                    self.log(f"val/sigma_scale_{label}", value, **GLOBAL)
             sigma = sigma * self.sigma_scale
         loss = mse if sigma is None else masked_gaussian_nll(pred.float(), sigma, target)
         pred_phys = (pred * self.label_std + self.label_mean).float().cpu().numpy()
@@ -267,9 +291,9 @@ class SpectrumRegressor(pl.LightningModule):
         metrics = label_metrics(pred_phys, true_phys, self.label_names, self.label_mean.cpu().numpy())
         for label, row in metrics.items():
             for name in ("rmse", "mae", "bias", "mad_std"):
-                self.log(f"{stage}/{name}_{label}", row[name], sync_dist=False)
-        self.log(f"{stage}/loss", loss.float(), prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/mse", mse.float(), sync_dist=False)
+                self.log(f"{stage}/{name}_{label}", row[name], **GLOBAL)
+        self.log(f"{stage}/loss", loss.float(), prog_bar=True, **GLOBAL)
+        self.log(f"{stage}/mse", mse.float(), **GLOBAL)
         self._epoch_mse = float(mse)
         return float(loss), metrics, pred_phys, true_phys
 
@@ -283,8 +307,8 @@ class SpectrumRegressor(pl.LightningModule):
         if loss < self.best_val_loss:
             self.best_val_loss = loss
             self.best_val_mse = self._epoch_mse
-        self.log("val/loss_best", self.best_val_loss, prog_bar=True, sync_dist=False)
-        self.log("val/mse_at_best", self.best_val_mse, sync_dist=False)
+        self.log("val/loss_best", self.best_val_loss, prog_bar=True, **GLOBAL)
+        self.log("val/mse_at_best", self.best_val_mse, **GLOBAL)
 
     def on_test_epoch_end(self):
         loss, metrics, pred, true = self._epoch_results("test")
@@ -296,7 +320,12 @@ class SpectrumRegressor(pl.LightningModule):
             self.test_results["calibration"] = calib
             for label, row in calib.items():
                 for name in ("frac_within_1sigma", "frac_within_2sigma", "z_std", "z_mad_std", "mean_sigma"):
-                    self.log(f"test/{name}_{label}", row[name], sync_dist=False)
+                    self.log(f"test/{name}_{label}", row[name], **GLOBAL)
+        if self.trainer is not None and self.trainer.world_size > 1 and self.trainer.is_global_zero:
+            from stellarlab.evaluation import save_test_results  # ddp_spawn: the launcher gets no attributes back
+
+            extra = {"best_val_loss": self.best_val_loss, "best_val_mse": self.best_val_mse}
+            save_test_results(Path(self.trainer.default_root_dir) / TEST_RESULTS_FILE, self.test_results, extra)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
