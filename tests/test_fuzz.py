@@ -178,29 +178,26 @@ def test_apogee_readers_return_valid_arrays_or_a_data_error(raw, source, gap_del
         assert arrays[2].dtype == np.int64 and arrays[2].shape == (APOGEE_NPIX,)
 
 
-def _valid_file(source: str) -> bytes:
+@pytest.fixture(scope="module")
+def valid_fits(tmp_path_factory) -> dict[str, bytes]:
+    """The bytes of one good aspcapStar and one good apStar file (two rows), to cut and corrupt."""
     from tests.apogee_fixtures import write_apstar, write_aspcapstar
 
-    rng = np.random.default_rng(1)
-    flux = 1.0 + 0.02 * rng.standard_normal(APOGEE_NPIX)
-    buf = Path(__import__("tempfile").mkdtemp()) / f"{source}.fits"
-    if source == "aspcapStar":
-        write_aspcapstar(buf, flux, np.full(APOGEE_NPIX, 0.01))
-    else:
-        rows = np.vstack([600 * flux, 600 * flux])
-        write_apstar(buf, rows, np.full_like(rows, 6.0), np.zeros(rows.shape, np.int64))
-    return buf.read_bytes()
-
-
-VALID = {source: _valid_file(source) for source in ("aspcapStar", "apStar")}
+    folder = tmp_path_factory.mktemp("valid-fits")
+    flux = 1.0 + 0.02 * np.random.default_rng(1).standard_normal(APOGEE_NPIX)
+    rows = np.vstack([600 * flux, 600 * flux])
+    return {
+        "aspcapStar": write_aspcapstar(folder / "aspcapStar.fits", flux, np.full(APOGEE_NPIX, 0.01)).read_bytes(),
+        "apStar": write_apstar(folder / "apStar.fits", rows, np.full_like(rows, 6.0), np.zeros(rows.shape, np.int64)).read_bytes(),
+    }
 
 
 @settings(FUZZ, max_examples=120)
 @given(source=st.sampled_from(["aspcapStar", "apStar"]), cut=st.floats(0.0, 1.0), flips=st.lists(
     st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(0, 255)), max_size=8))
-def test_truncated_or_corrupted_fits_files(source, cut, flips, tmp_path_factory):
+def test_truncated_or_corrupted_fits_files(source, cut, flips, tmp_path_factory, valid_fits):
     """A download cut at any byte, or bytes overwritten anywhere (header or data): valid arrays or a DataError."""
-    data = bytearray(VALID[source][: int(len(VALID[source]) * cut)])
+    data = bytearray(valid_fits[source][: int(len(valid_fits[source]) * cut)])
     for where, byte in flips:
         if data:
             data[int(where * len(data))] = byte
