@@ -24,6 +24,7 @@ BENCHMARKS = {
     "startup": "benchmarks.startup",
     "crlb": "benchmarks.crlb_ratio",
     "cuda_data_path": "benchmarks.cuda_data_path",
+    "memmap_scale": "benchmarks.memmap_scale",
 }
 
 

@@ -209,6 +209,7 @@ def baseline_rss() -> float:
 
 
 def run(small: bool = False) -> dict:
+    """Streaming at both sizes; in memory and (full mode) 2 workers at the smaller; read speeds of each cache."""
     sizes = (2_000, 20_000) if small else (20_000, 200_000)
     steps = 60 if small else 200
     tmp = Path(tempfile.mkdtemp(prefix="stellarlab-memmap-bench-"))
@@ -217,9 +218,9 @@ def run(small: bool = False) -> dict:
     if free < need * 1.1:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"{tmp.parent} has {free / 1e9:.1f} GB free; this benchmark writes {need / 1e9:.1f} GB")
-    results: dict = {"sizes": list(sizes), "n_pixels": N_PIXELS, "batch_size": BATCH, "steps": steps, "threads": THREADS,
-                     "baseline_rss_mb": baseline_rss(), "by_size": {}}
     try:
+        results: dict = {"sizes": list(sizes), "n_pixels": N_PIXELS, "batch_size": BATCH, "steps": steps,
+                         "threads": THREADS, "baseline_rss_mb": baseline_rss(), "by_size": {}}
         for n in sizes:
             cache, make_s = make_cache(tmp / f"n{n}", n)
             entry = {"cache_gb_per_array": n * N_PIXELS * 4 / 1e9, "make_s": make_s}
