@@ -21,6 +21,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from stellarlab.data.cache import pid_alive
 from stellarlab.errors import ConfigError
 
 log = logging.getLogger("stellarlab.resume")
@@ -43,14 +44,6 @@ RESUME_MAY_CHANGE = (
 
 
 # -- small facts about a run folder ------------------------------------------------------------
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_status(run_dir: Path) -> str | None:

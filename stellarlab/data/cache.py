@@ -40,7 +40,8 @@ def config_hash(config: Mapping, length: int = 16) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:length]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (a lock or temporary folder's owner)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -166,7 +167,7 @@ class ArrayCache:
                 pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
             except (IndexError, ValueError):
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
                 log.info("removed the unfinished cache build %s", tmp)
 
