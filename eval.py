@@ -48,6 +48,7 @@ def run_config(cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict:
     import torch
 
+    from stellarlab.allocator import keep_freed_blocks
     from stellarlab.devices import check_trainer_config
     from stellarlab.evaluation import test_model
     from stellarlab.prediction import load_model
@@ -55,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     cfg = run_config(cfg)
     check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
+    keep_freed_blocks(cfg.get("malloc_keep_block_mb"))
     model, _ = load_model(cfg.ckpt_path)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()

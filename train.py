@@ -42,10 +42,13 @@ def train(cfg: DictConfig) -> dict:
     import torch
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from stellarlab.allocator import keep_freed_blocks
+
     from stellarlab.callbacks import ExactResume, GracefulStop
     from stellarlab.devices import check_trainer_config
     from stellarlab.evaluation import test_model
     from stellarlab.hparams import log_final_metrics, log_hyperparameters
+    from stellarlab.models.base import EPOCHS_METRIC
     from stellarlab.reports import write_json_atomic
 
     use_resume_folder(cfg)  # train(cfg) with resume= set; on the command line resume_argv has done it
@@ -53,6 +56,7 @@ def train(cfg: DictConfig) -> dict:
     device = check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
+    keep_freed_blocks(cfg.get("malloc_keep_block_mb"))
     if cfg.get("seed") is not None:  # seed=0 is a seed: test for None, not truthiness
         pl.seed_everything(int(cfg.seed), workers=True)
 
@@ -83,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
         stop.exit(output_dir)  # exits 128 + signal, or hands over to the launcher's requeue handler
     train_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    epochs = int(fit_metrics.pop(EPOCHS_METRIC, trainer.current_epoch))
     if cfg.optimized_metric not in fit_metrics:
         raise ConfigError(
             f"optimized_metric={cfg.optimized_metric} was never logged; logged metrics: {sorted(fit_metrics)}"
@@ -94,7 +99,7 @@ def train(cfg: DictConfig) -> dict:
         "optimized_metric": cfg.optimized_metric,
         "best_value": fit_metrics[cfg.optimized_metric],
         "best_val_loss": model.best_val_loss,
-        "epochs": trainer.current_epoch,
+        "epochs": epochs,
         "train_seconds": train_seconds,
         "n_parameters": model.n_parameters,
         "label_names": list(datamodule.label_names),

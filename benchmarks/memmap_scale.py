@@ -57,8 +57,12 @@ _TRAIN = textwrap.dedent(
     from stellarlab.data import SpectraArrays, SpectraDataModule
     from stellarlab.models import LinearRegressor
 
+    from omegaconf import OmegaConf
+    from stellarlab.allocator import keep_freed_blocks
+
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])
+    keep_freed_blocks(OmegaConf.load("conf/train.yaml").malloc_keep_block_mb)  # as train.py does
 
     class CacheSpectra(SpectraDataModule):
         def load_arrays(self):

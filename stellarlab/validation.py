@@ -430,6 +430,8 @@ def validate_train_config(cfg) -> None:
     if cfg.get("trainer") is not None:
         _check_trainer(cfg.trainer)
     _check_bootstrap(cfg.get("bootstrap"))
+    check_number("malloc_keep_block_mb", cfg.get("malloc_keep_block_mb"), "malloc_keep_block_mb=1024 (null: malloc's defaults)",
+                 minimum=0, allow_null=True)
     paths = cfg.get("paths")
     if paths is not None and paths.get("output_dir") is not None:
         check_writable_folder("paths.output_dir", paths.output_dir, "set paths.log_dir to a folder you can write, e.g. paths.log_dir=./outputs")

@@ -31,6 +31,7 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
         assert r["stellarlab_samples_per_s"] > 0 and r["bare_samples_per_s"] > 0 and math.isfinite(r["overhead"])
         assert r["naive_samples_per_s"] > 0 and r["speedup_vs_naive"] > 0
         assert set(results["default_run"]["models"][model]) >= {"teff", "logg", "fe_h", "seconds"}
+    assert results["training_overhead"]["linear@1024"]["batch_size"] == 1024
     assert results["default_run"]["default_run_seconds_cold_cache"] > 0
     assert not results["startup"]["train.py --help"]["imports_torch"]
     assert "overhead" in proc.stdout and "RMSE" in proc.stdout

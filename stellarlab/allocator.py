@@ -1,0 +1,46 @@
+"""Keep freed batch-sized memory blocks in the process for reuse (Linux with glibc; elsewhere a no-op).
+
+glibc's malloc hands any block above its mmap threshold (at most 32 MB when left to adapt) back to
+the kernel as soon as it is freed. A CNN activation at batch 128 (128 x 8 x 8575 float32 = 35 MB)
+or a large batch of spectra is then faulted in again page by page on every step, which costs a CPU
+CNN epoch ~40% (`python -m benchmarks run --only training_overhead`). Raising the mmap and trim
+thresholds keeps such blocks for the next step, the effect PyTorch's CPU tuning guide gets by
+preloading jemalloc or tcmalloc, without a second allocator to install.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+INT_MAX = 2**31 - 1
+
+
+def keep_freed_blocks(max_block_mb: float | None) -> bool:
+    """Serve blocks up to `max_block_mb` from the heap and keep up to twice that free before trimming.
+
+    Also exported as MALLOC_*_THRESHOLD_ so processes started from this one (DDP spawn, Slurm jobs
+    launched by a sweep) do the same. Returns whether the setting took effect; None/0 leaves malloc alone.
+    """
+    if not max_block_mb or not sys.platform.startswith("linux"):
+        return False
+    mmap_bytes = min(int(float(max_block_mb) * 2**20), INT_MAX)
+    trim_bytes = min(2 * mmap_bytes, INT_MAX)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    if not (mallopt(M_MMAP_THRESHOLD, mmap_bytes) and mallopt(M_TRIM_THRESHOLD, trim_bytes)):
+        log.debug("mallopt refused thresholds %d/%d bytes; malloc left at its defaults", mmap_bytes, trim_bytes)
+        return False
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(mmap_bytes))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(trim_bytes))
+    return True
