@@ -50,6 +50,7 @@ def test_ddp_on_two_cpu_processes_gives_the_single_process_metrics(tmp_path, sur
     a = json.loads((spawn_run / "metrics.json").read_text())
     b = json.loads((ddp_run / "metrics.json").read_text())
     assert a["status"] == b["status"] == "ok"
+    assert a["epochs"] == b["epochs"] == 2  # the spawned fit's epoch count comes back to the main process
     assert a["split_sizes"]["test"] == 90 and all(a["test"][label]["n"] == 90 for label in a["label_names"])
     assert a["test"] == b["test"] and a["test_loss"] == b["test_loss"]  # same shards, same batches: identical
     assert np.isfinite(a["best_val_loss"]) and a["best_val_loss"] == b["best_val_loss"]

@@ -115,6 +115,10 @@ def _drop_repeats(index: torch.Tensor, *tensors: torch.Tensor | None) -> list[to
     return [None if t is None else t[keep] for t in tensors]
 
 
+#: callback_metrics key of the completed epoch count (set at the end of fitting, never sent to loggers)
+EPOCHS_METRIC = "stellarlab/epochs"
+
+
 class SpectrumRegressor(pl.LightningModule):
     """Base for all models. `forward(flux)` returns standardised label means; `predict_physical` undoes the scaling.
 
@@ -243,6 +247,11 @@ class SpectrumRegressor(pl.LightningModule):
             mean = self._train_loss_sum / self._train_loss_count
             self._check_finite(float(mean), "mean training loss of the epoch")
             self.log("train/loss_epoch", mean, prog_bar=True, sync_dist=True)
+
+    def on_train_end(self) -> None:
+        # Epochs completed, for metrics.json: under ddp_spawn the fit runs in other processes and only
+        # callback_metrics come back to the one that writes the summary.
+        self.trainer.callback_metrics[EPOCHS_METRIC] = torch.tensor(float(self.current_epoch))
 
     def _eval_step(self, stage: str, batch) -> None:
         mean, sigma = self._mean_and_sigma(batch["flux"])
