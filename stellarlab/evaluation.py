@@ -97,7 +97,7 @@ def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | 
         summary["calibration"] = results["calibration"]
     if getattr(model, "best_val_mse", None) is not None:
         summary["best_val_mse"] = model.best_val_mse
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not trainer.fast_dev_run:  # debug=fdr tests one batch: no bound over the split
         from stellarlab.crlb import crlb_vs_rmse
 
         crlb = crlb_vs_rmse(datamodule, summary["test"])  # None unless the data is the synthetic survey
