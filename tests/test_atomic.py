@@ -67,6 +67,7 @@ def test_survey_cache_killed_mid_write_is_not_trusted_and_the_next_run_rebuilds_
 
     survey = make_survey(cache_dir=tmp_path, **SURVEY)  # the next run: builds it, publishes it
     assert survey.cache_path == str(final) and (final / "params.json").exists()
+    assert not partial.exists()  # and removes what the killed build left
     again = make_survey(cache_dir=tmp_path, **SURVEY)  # and the one after reads it
     assert isinstance(again.flux, np.memmap) and np.array_equal(np.asarray(again.flux), survey.flux)
     assert np.array_equal(survey.flux, make_survey(cache_dir=None, **SURVEY).flux)  # what no cache would give

@@ -106,6 +106,23 @@ class CacheWriter:
             f.close()
 
 
+def temporary_sibling(final: Path) -> Path:
+    """A new folder `.<final name>.tmp-<pid>-*` next to `final`, to fill and rename into place.
+
+    Folders of that pattern left by builds whose process is gone (killed, crashed) are removed first.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("removed the unfinished cache build %s", stale)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+
+
 class ArrayCache:
     """A folder `<root>/<name>-<hash of config>/` of `.npy` arrays plus `meta.json` (the config and extras)."""
 
@@ -158,19 +175,6 @@ class ArrayCache:
         if self.path.exists():
             shutil.rmtree(self.path)
 
-    def _clean_stale_temporaries(self) -> None:
-        """Remove temporary folders of this cache left by builds whose process is gone (killed, crashed)."""
-        if not self.root.is_dir():
-            return
-        for tmp in self.root.glob(f".{self.path.name}.tmp-*"):
-            try:
-                pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-            except (IndexError, ValueError):
-                continue
-            if pid != os.getpid() and not pid_alive(pid):
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.info("removed the unfinished cache build %s", tmp)
-
     @contextlib.contextmanager
     def writer(
         self, specs: Mapping[str, tuple[tuple[int, ...], np.dtype | str]], meta: Mapping | None = None
@@ -181,8 +185,7 @@ class ArrayCache:
         published the same cache meanwhile, its copy is kept and this one discarded.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self._clean_stale_temporaries()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=self.root))
+        tmp = temporary_sibling(self.path)
         specs = {name: (tuple(int(s) for s in shape), np.dtype(dtype)) for name, (shape, dtype) in specs.items()}
         writer = None
         try:
@@ -226,4 +229,4 @@ class ArrayCache:
                 w[name][0 : a.shape[0]] = a
 
 
-__all__ = ["ArrayCache", "CacheWriter", "FORMAT_VERSION", "RowFile", "config_hash"]
+__all__ = ["ArrayCache", "CacheWriter", "FORMAT_VERSION", "RowFile", "config_hash", "pid_alive", "temporary_sibling"]

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,6 +20,8 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from stellarlab.data.cache import temporary_sibling
 
 from .generator import GENERATOR_VERSION, LABEL_NAMES, SpectrumGenerator
 from .grids import SURVEYS, survey_grid
@@ -139,8 +140,7 @@ def _generate(params: dict, progress: bool) -> SyntheticSurvey:
 
 def _write_cache(result: SyntheticSurvey, final: Path, key: str) -> None:
     """Write into a temporary sibling directory, then rename it into place (atomic on POSIX)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temporary_sibling(final)  # also removes the leftovers of killed builds
     try:
         for name in ARRAY_FIELDS:
             np.save(tmp / f"{name}.npy", getattr(result, name))
