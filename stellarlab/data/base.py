@@ -283,10 +283,11 @@ class SpectraDataModule(pl.LightningDataModule):
         super().__init__()
         if not labels:
             raise ConfigError("data.labels is empty: name at least one label, e.g. data.labels=[teff,logg,fe_h]")
-        if batch_size is None or int(batch_size) < 1:
-            raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
-        if num_workers is None or int(num_workers) < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        for name, value, minimum in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if value is None and name == "eval_batch_size":
+                continue  # the training batch size
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ConfigError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
         self.label_names = [str(n) for n in labels]
         self.split = list(split)
         self.split_seed = int(split_seed)
