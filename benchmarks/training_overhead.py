@@ -59,10 +59,17 @@ class EpochTimer(pl.Callback):
         self.times: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
+        _sync(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
+        _sync(pl_module.device)  # kernels still queued belong to this epoch
         self.times.append(time.perf_counter() - self._start)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def stellarlab_epoch_time(
@@ -126,19 +133,25 @@ class NaiveSpectra(torch.utils.data.Dataset):
         return torch.tensor(self.flux[i], dtype=torch.float32), torch.tensor(self.labels[i], dtype=torch.float32)
 
 
-def naive_epoch_time(net: torch.nn.Module, flux: np.ndarray, labels: np.ndarray, lr: float, epochs: int, batch_size: int = 32) -> float:
-    """The course-style pipeline: per-item Dataset, default collate, DataLoader(batch_size=32)."""
+def naive_epoch_time(
+    net: torch.nn.Module, flux: np.ndarray, labels: np.ndarray, lr: float, epochs: int, batch_size: int = 32, device: str = "cpu"
+) -> float:
+    """The course-style pipeline: per-item Dataset, default collate, DataLoader(batch_size=32), `.to(device)` per batch."""
     loader = torch.utils.data.DataLoader(NaiveSpectra(flux, labels), batch_size=batch_size, shuffle=True)
+    net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     times = []
     for _ in range(epochs + 1):
+        _sync(device)
         start = time.perf_counter()
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = masked_mse(net(1.0 - x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
