@@ -88,6 +88,22 @@ def test_a_label_that_does_not_exist_is_named():
         dm.setup()
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": "abc"}, r"data.batch_size must be an integer >= 1, got 'abc'"),
+        ({"batch_size": 0}, r"data.batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 2.5}, r"data.batch_size must be an integer >= 1, got 2.5"),
+        ({"eval_batch_size": -1}, r"data.eval_batch_size must be an integer >= 1, got -1"),
+        ({"num_workers": None}, r"data.num_workers must be an integer >= 0, got None"),
+        ({"num_workers": True}, r"data.num_workers must be an integer >= 0, got True"),
+    ],
+)
+def test_batch_sizes_and_workers_built_in_code_are_checked_like_the_config(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ArraysDataModule(make_arrays(), **kwargs)
+
+
 def test_batch_larger_than_training_set_is_refused():
     dm = ArraysDataModule(make_arrays(n=40), split=[0.5, 0.25, 0.25], batch_size=64)
     with pytest.raises(ConfigError, match="larger than the training set"):
