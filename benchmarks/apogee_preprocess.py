@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -25,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.peak_rss import run_measured
+
 WORKERS = 2
 
 _PREPROCESS = textwrap.dedent(
@@ -44,31 +43,6 @@ _PREPROCESS = textwrap.dedent(
                       "cache_mb": sum(f.stat().st_size for f in dm.cache.path.iterdir()) / 2**20}))
     """
 )
-
-
-# A small launcher forks and execs the measured command and reports its ru_maxrss. Measuring through
-# it matters: Linux carries the forking parent's resident size into the child's ru_maxrss, and this
-# benchmark's own process (torch, the generator) is far larger than what is being measured.
-_LAUNCHER = (
-    "import os, sys\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execv(sys.argv[1], sys.argv[1:])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % usage.ru_maxrss)\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
-
-
-def _measured(cmd: list[str]) -> tuple[str, float, float]:
-    """Run a command in a fresh process; return (stdout, wall seconds, peak RSS in MB of it and its workers)."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kb = int(proc.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
-    return proc.stdout, wall, peak_kb / 1024
 
 
 def make_files(root: Path, n_stars: int, pool: np.ndarray, seed: int = 0) -> tuple[Path, Path, float]:
@@ -93,7 +67,7 @@ def make_files(root: Path, n_stars: int, pool: np.ndarray, seed: int = 0) -> tup
 
 def preprocess(catalog: Path, spectra: Path, cache_dir: Path, parallel: str = "process", workers: int = WORKERS) -> dict:
     args = {"catalog": str(catalog), "spectra_dir": str(spectra), "cache_dir": str(cache_dir), "workers": workers, "parallel": parallel}
-    out, wall, peak = _measured([sys.executable, "-c", _PREPROCESS, json.dumps(args)])
+    out, wall, peak = run_measured([sys.executable, "-c", _PREPROCESS, json.dumps(args)])
     res = json.loads(out.strip().splitlines()[-1])
     res.update(parallel=parallel, workers=workers, files_per_s=res["n_files"] / res["read_seconds"], peak_rss_mb=peak, wall_s=wall)
     return res
@@ -107,7 +81,7 @@ def train_from_cache(catalog: Path, spectra: Path, cache_dir: Path, log_dir: Pat
         "data.progress=false", "model=linear", "logger=csv", "trainer.max_epochs=1", "trainer.accelerator=cpu",
         "~callbacks.progress_bar", "~callbacks.figures", "data.batch_size=128",
     ]
-    _, wall, peak = _measured(cmd)
+    _, wall, peak = run_measured(cmd)
     n_pixels = 8575
     tensors_mb = n_stars * n_pixels * 4 * 2 / 2**20  # flux and weight as float32 tensors
     return {"wall_s": wall, "peak_rss_mb": peak, "tensors_mb": tensors_mb, "overhead_mb": peak - tensors_mb}
@@ -115,7 +89,7 @@ def train_from_cache(catalog: Path, spectra: Path, cache_dir: Path, log_dir: Pat
 
 def baseline_rss() -> float:
     """Peak RSS of a process that only imports the training stack (torch, Lightning, the DataModule)."""
-    _, _, peak = _measured([sys.executable, "-c", "import train, stellarlab.data.apogee, pytorch_lightning"])
+    _, _, peak = run_measured([sys.executable, "-c", "import train, stellarlab.data.apogee, pytorch_lightning"])
     return peak
 
 

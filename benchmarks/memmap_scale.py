@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -31,23 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.peak_rss import run_measured
+
 N_PIXELS = 8575
 BATCH = 128
 # One intra-op thread in the measured process: on a shared machine torch's thread pool makes a linear
 # model's step 3-10x slower and erratic (3,000-8,000 samples/s between identical runs), which would hide
 # the data path being compared. With one thread the same runs repeat within ~10%.
 THREADS = 1
-
-_LAUNCHER = (
-    "import os, sys\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execv(sys.argv[1], sys.argv[1:])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write('\\nPEAK_RSS_KB=%d\\n' % usage.ru_maxrss)\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
 
 # The measured training process: the real DataModule over the cache, the linear model, a Lightning Trainer.
 _TRAIN = textwrap.dedent(
@@ -154,14 +143,8 @@ _READ = textwrap.dedent(
 
 def _measured(code: str, args: dict) -> tuple[dict, float, float]:
     """Run `python -c code json(args)` in a fresh process; (its last JSON line, wall s, peak RSS MB)."""
-    start = time.perf_counter()
-    cmd = [sys.executable, "-S", "-c", _LAUNCHER, sys.executable, "-c", code, json.dumps(args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"measured process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kb = int(proc.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall, peak_kb / 1024
+    out, wall, peak = run_measured([sys.executable, "-c", code, json.dumps(args)])
+    return json.loads(out.strip().splitlines()[-1]), wall, peak
 
 
 def make_cache(root: Path, n: int, seed: int = 0) -> tuple[Path, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
 import sys
 import textwrap
 
@@ -16,9 +15,9 @@ import torch
 from stellarlab.data import SpectraArrays, SpectraDataModule
 from stellarlab.data.base import RowReader, SplitRows
 from stellarlab.data.cache import ArrayCache
+from benchmarks.peak_rss import run_measured
 from stellarlab.errors import ConfigError
 from stellarlab.models import LinearRegressor
-from tests.conftest import ROOT
 
 
 class CachedSpectra(SpectraDataModule):
@@ -173,17 +172,7 @@ def test_training_streamed_or_in_memory_gives_identical_predictions_and_metrics(
     assert a.test_results["loss"] == b.test_results["loss"]
 
 
-# Peak RSS of set-up plus one pass over every split, in a fresh process measured through a launcher
-# (Linux carries a forking parent's RSS into its child's ru_maxrss).
-_LAUNCHER = (
-    "import os, sys\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execv(sys.argv[1], sys.argv[1:])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "print('PEAK_RSS_KB=%d' % usage.ru_maxrss)\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
+# Peak RSS of set-up plus one pass over every split, in a fresh process (benchmarks/peak_rss.py).
 _PASS = textwrap.dedent(
     """
     import json, sys
@@ -201,12 +190,10 @@ _PASS = textwrap.dedent(
 
 def peak_rss_mb(cache: ArrayCache, in_memory: bool) -> float:
     args = json.dumps({"root": str(cache.root), "config": cache.config, "in_memory": in_memory})
-    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, sys.executable, "-c", _PASS, args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.splitlines()[-2])
+    out, _, peak = run_measured([sys.executable, "-c", _PASS, args], timeout=300)
+    result = json.loads(out.splitlines()[-1])
     assert result["streaming"] is not in_memory
-    return int(proc.stdout.rsplit("PEAK_RSS_KB=", 1)[1].split()[0]) / 1024
+    return peak
 
 
 def write_large(root, n, p) -> ArrayCache:
