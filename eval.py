@@ -11,15 +11,13 @@ Prints the test table and writes metrics.json and test_predictions.csv into outp
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stellarlab.config import register_resolvers
-from stellarlab.errors import ConfigError, DataError, StellarlabError
-from stellarlab.sweep import root_cause
+from stellarlab.errors import ConfigError, DataError, exit_on_user_error
 
 log = logging.getLogger("stellarlab.eval")
 register_resolvers()
@@ -91,12 +89,8 @@ def main(cfg: DictConfig) -> dict:
     try:
         return evaluate(cfg)
     except Exception as err:
-        cause = root_cause(err)
-        if not isinstance(cause, StellarlabError):
-            raise
-        log.error("%s", cause)
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_user_error(err, log)
+        raise
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ predictions.csv (id, file, each label and its uncertainty) into the run folder.
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from stellarlab.config import register_resolvers
-from stellarlab.errors import StellarlabError
+from stellarlab.errors import exit_on_user_error
 
 log = logging.getLogger("stellarlab.predict")
 register_resolvers()
@@ -47,10 +46,9 @@ def run_predict(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> dict:
     try:
         return run_predict(cfg)
-    except StellarlabError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:
+        exit_on_user_error(err, log)
+        raise
 
 
 if __name__ == "__main__":

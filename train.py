@@ -25,9 +25,9 @@ import hydra
 from omegaconf import DictConfig
 
 from stellarlab.config import instantiate_group, register_resolvers
-from stellarlab.errors import ConfigError, StellarlabError
+from stellarlab.errors import ConfigError, exit_on_user_error
 from stellarlab.resume import resume_argv, resume_point, run_lock, tensorboard_continuing, use_resume_folder
-from stellarlab.sweep import in_multirun, record_failure, root_cause
+from stellarlab.sweep import in_multirun, record_failure
 
 log = logging.getLogger("stellarlab.train")
 register_resolvers()
@@ -132,12 +132,8 @@ def main(cfg: DictConfig) -> float:
     except Exception as err:
         if in_multirun():
             return record_failure(cfg, err)
-        cause = root_cause(err)
-        if not isinstance(cause, StellarlabError):
-            raise
-        log.error("%s", cause)
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_user_error(err, log)
+        raise
     return float(summary["best_value"])
 
 

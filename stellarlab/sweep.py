@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stellarlab.errors import StellarlabError
+from stellarlab.errors import StellarlabError, root_cause
 from stellarlab.reports import write_json_atomic
 
 log = logging.getLogger("stellarlab.sweep")
@@ -36,14 +36,6 @@ class TooManyFailures(StellarlabError, RuntimeError):
 def in_multirun() -> bool:
     """True inside a job of a Hydra multirun (also in the processes of the submitit launchers)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The stellarlab error behind Hydra's InstantiationException wrapper, if there is one."""
-    cause = err
-    while cause.__cause__ is not None and not isinstance(cause, StellarlabError):
-        cause = cause.__cause__
-    return cause if isinstance(cause, StellarlabError) else err
 
 
 def _sweeper_directions(hydra_cfg) -> list[str] | None:

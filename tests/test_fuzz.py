@@ -450,6 +450,6 @@ def test_model_values_are_refused_or_build_a_model(base_cfg, model, hidden, drop
     try:
         hydra.utils.instantiate(cfg.model, **spec)
     except Exception as err:  # Hydra wraps constructor errors: the cause must be a ConfigError (data-dependent checks)
-        from stellarlab.sweep import root_cause
+        from stellarlab.errors import root_cause
 
         assert isinstance(root_cause(err), ConfigError), repr(err)
