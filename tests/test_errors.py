@@ -173,6 +173,8 @@ TRAIN_CONFIG_CASES = [
     ("no devices", ["trainer.devices=0"], r"trainer\.devices=0 is not valid", r"e\.g\. trainer\.devices=1"),
     ("seed not an integer", ["seed=abc"], r"seed=abc is not valid", r"integer in \[0, 2\^32\) or null \(unseeded\); e\.g\. seed=0"),
     ("bootstrap level above 1", ["bootstrap.level=1.5"], r"bootstrap\.level=1\.5 .*> 0 and < 1", r"e\.g\. bootstrap\.level=0\.95"),
+    ("negative malloc block size", ["malloc_keep_block_mb=-5"], r"malloc_keep_block_mb=-5 is not valid: it must be a number >= 0 or null",
+     r"e\.g\. malloc_keep_block_mb=1024 \(null: malloc's defaults\)"),
 ]
 for _name, _overrides, _problem, _fix in TRAIN_CONFIG_CASES:
     case(_name, _problem, _fix)(lambda env, o=tuple(_overrides): run_train(env, *o))
