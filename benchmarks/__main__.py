@@ -25,6 +25,7 @@ BENCHMARKS = {
     "crlb": "benchmarks.crlb_ratio",
     "cuda_data_path": "benchmarks.cuda_data_path",
     "memmap_scale": "benchmarks.memmap_scale",
+    "malloc_reuse": "benchmarks.malloc_reuse",
 }
 
 
