@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.peak_rss import run_measured
 
 # One measured process: a bare loop (benchmarks/training_overhead.py) over random spectrum-like rows.
 _MEASURE = textwrap.dedent(
@@ -47,10 +45,8 @@ CASES = {"cnn": (128, 1024), "linear": (1024, 8192)}  # model: (batch size, spec
 def _measure(model: str, batch: int, n: int, epochs: int, keep: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # "off" means malloc's defaults
     args = json.dumps({"model": model, "batch": batch, "n": n, "epochs": epochs, "keep": keep})
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measured process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out, _, _ = run_measured([sys.executable, "-c", _MEASURE, args], env=env)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run(small: bool = False) -> dict:

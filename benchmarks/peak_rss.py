@@ -25,13 +25,13 @@ _LAUNCHER = (
 )
 
 
-def run_measured(cmd: list[str], timeout: float | None = None) -> tuple[str, float, float]:
-    """Run `cmd` from the repository root; return (its stdout, wall seconds, peak RSS in MB of it and its children).
-
-    Raises RuntimeError with the end of its stderr when it exits non-zero.
+def run_measured(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> tuple[str, float, float]:
+    """Run `cmd` from the repository root (with `env`, default this process's); return (its stdout, wall
+    seconds, peak RSS in MB of it and its children). Raises RuntimeError with the end of its stderr when it fails.
     """
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

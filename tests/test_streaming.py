@@ -12,10 +12,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from benchmarks.peak_rss import run_measured
 from stellarlab.data import SpectraArrays, SpectraDataModule
 from stellarlab.data.base import RowReader, SplitRows
 from stellarlab.data.cache import ArrayCache
-from benchmarks.peak_rss import run_measured
 from stellarlab.errors import ConfigError
 from stellarlab.models import LinearRegressor
 
