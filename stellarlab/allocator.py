@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 INT_MAX = 2**31 - 1
+#: the MALLOC_* values this process exported: a later call (the next job of a multirun) replaces its
+#: own export but never a value the user set
+_EXPORTED: dict[str, str] = {}
 
 
 def keep_freed_blocks(max_block_mb: float | None) -> bool:
@@ -41,6 +44,11 @@ def keep_freed_blocks(max_block_mb: float | None) -> bool:
     if not (mallopt(M_MMAP_THRESHOLD, mmap_bytes) and mallopt(M_TRIM_THRESHOLD, trim_bytes)):
         log.debug("mallopt refused thresholds %d/%d bytes; malloc left at its defaults", mmap_bytes, trim_bytes)
         return False
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(mmap_bytes))
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(trim_bytes))
+    _export("MALLOC_MMAP_THRESHOLD_", str(mmap_bytes))
+    _export("MALLOC_TRIM_THRESHOLD_", str(trim_bytes))
     return True
+
+
+def _export(name: str, value: str) -> None:
+    if os.environ.get(name, _EXPORTED.get(name)) == _EXPORTED.get(name):  # unset, or our own earlier value
+        os.environ[name] = _EXPORTED[name] = value
