@@ -267,6 +267,23 @@ def _(env):
     return error_line(env.capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_default_log_dir_is_checked_before_hydra_creates_it(tmp_path, mode):
+    """The default paths.log_dir goes through ${hydra:runtime.cwd}, which Hydra resolves only after its
+    callbacks: the check must still see it (once it only warned, and Hydra then failed with a traceback)."""
+    (tmp_path / "outputs").write_text("a file where the run folders would go")
+    env = {k: v for k, v in os.environ.items() if k != "STELLARLAB_ROOT"}
+    argv = [sys.executable, str(ROOT / "train.py"), *(["-m", "model=linear,mlp"] if mode == "sweep" else [])]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "raised" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(
+        rf"error: cannot create the {mode} folder {re.escape(str(tmp_path))}/outputs/train/(runs|multiruns)/.*: .*outputs is a file",
+        error_line(proc.stderr),
+    )
+    assert (tmp_path / "outputs").is_file()
+
+
 # -- APOGEE files ---------------------------------------------------------------------------------
 def apogee_module(env: Env, catalog: Path | None = None, spectra_dir: Path | None = None, **kwargs):
     from stellarlab.data.apogee import APOGEEDataModule
