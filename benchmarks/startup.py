@@ -26,7 +26,7 @@ def _time(args: list[str], repeats: int) -> tuple[float, bool]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
         times.append(time.perf_counter() - start)
     torch_loaded = False
     if args[0] == "train.py":  # did the command import torch? ask the interpreter that ran it

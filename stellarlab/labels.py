@@ -7,10 +7,14 @@ weighs Teff in K and [Fe/H] in dex alike; metrics are always reported back in ph
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stellarlab.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Display name and unit of the labels stellarlab knows; others are shown as-is, unit "".
 LABEL_INFO: dict[str, tuple[str, str]] = {

@@ -4,14 +4,12 @@ final name that a later run would trust, and the next run rebuilds or resumes an
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-import train as train_script
 from tests.apogee_fixtures import write_apstar, write_aspcapstar
 from tests.conftest import ROOT
 
