@@ -1,7 +1,9 @@
-"""Hydra glue: the `run_id` resolver for unique run folders and instantiation of named groups."""
+"""Hydra glue: the `run_id` resolver for unique run folders, instantiation of named groups and the
+log filter that `conf/hydra/default.yaml` puts on the console and the run's log file."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 
@@ -25,6 +27,14 @@ def instantiate_group(group: DictConfig | None) -> list:
     if not group:
         return []
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+
+class DropLibraryAdverts(logging.Filter):
+    """Drops pytorch_lightning's "💡 Tip: ... try installing litlogger/litmodels" lines, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("pytorch_lightning") and str(record.msg).startswith("💡 Tip"))
 
 
 register_resolvers()

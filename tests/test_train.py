@@ -100,15 +100,19 @@ def test_checkpoint_carries_label_scaling_and_predicts_alone(tiny_cfg):
 
 def test_two_runs_started_together_get_their_own_folders(tmp_path):
     cmd = [sys.executable, "train.py", "debug=fdr", f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", "data.n_stars=200"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+        assert "💡 Tip" not in out + err  # Lightning's adverts are filtered from the console
+        assert "raised" not in err, err[-2000:]  # every Hydra callback ran cleanly
     runs = sorted((tmp_path / "train" / "runs").iterdir())
     assert len(runs) == 2
     for run_dir in runs:
         assert (run_dir / "metrics.json").exists()
         assert (run_dir / ".hydra" / "config.yaml").exists()
+        log_text = (run_dir / "train.log").read_text(encoding="utf-8")
+        assert "Seed set to 0" in log_text and "💡 Tip" not in log_text
 
 
 def test_a_diverging_run_stops_with_a_clear_error_instead_of_training_on_nan(tiny_cfg):
