@@ -29,7 +29,7 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
     for model in ("linear", "mlp", "cnn"):
         r = results["training_overhead"][model]
         assert r["stellarlab_samples_per_s"] > 0 and r["bare_samples_per_s"] > 0 and math.isfinite(r["overhead"])
-        assert r["naive_samples_per_s"] > 0 and r["speedup_vs_naive"] > 0
+        assert r["naive_samples_per_s"] > 0 and r["speedup_vs_naive"] > 0 and r["ceiling_vs_naive"] > 0
         assert set(results["default_run"]["models"][model]) >= {"teff", "logg", "fe_h", "seconds"}
     assert results["training_overhead"]["linear@1024"]["batch_size"] == 1024
     malloc = results["malloc_reuse"]
