@@ -7,10 +7,11 @@ them) against two references with the same network, loss and optimiser:
 
     python benchmarks/training_overhead.py [--small]
 
-Prints samples/s of each, the overhead (stellarlab time / bare time - 1) and the speed-up over the
-naive pipeline, and the ceiling: the bare loop stepping on one preloaded, cache-warm batch, i.e. with
-no data path at all; naive / ceiling time is the most any data path could gain over the naive one. All are timed side by side in one process, alternating rounds, over the same number
-of training epochs after one warm-up epoch, with malloc tuned as train.py tunes it (all three share it).
+Prints samples/s of each, the overhead (stellarlab time / bare time - 1), the speed-up over the naive
+pipeline, and the ceiling: the bare loop stepping on one preloaded, cache-warm batch, i.e. with no data
+path at all; naive / ceiling time is the most any data path could gain over the naive one. All are
+timed side by side in one process, alternating rounds, over the same number of training epochs after
+one warm-up epoch, with malloc tuned as train.py tunes it (all share it).
 """
 
 from __future__ import annotations

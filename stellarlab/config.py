@@ -29,7 +29,6 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-
 class DropLibraryAdverts(logging.Filter):
     """Drops pytorch_lightning's "💡 Tip: ... try installing litlogger/litmodels" lines, printed on every run."""
 
