@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 INT_MAX = 2**31 - 1
-#: the MALLOC_* values this process exported: a later call (the next job of a multirun) replaces its
-#: own export but never a value the user set
+ENV_NAMES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: the values this process exported: a later call (the next job of a multirun) may replace its own
+#: export; a value the user set is never touched
 _EXPORTED: dict[str, str] = {}
 
 
@@ -30,12 +31,20 @@ def keep_freed_blocks(max_block_mb: float | None) -> bool:
     """Serve blocks up to `max_block_mb` from the heap and keep up to twice that free before trimming.
 
     Also exported as MALLOC_*_THRESHOLD_ so processes started from this one (DDP spawn, Slurm jobs
-    launched by a sweep) do the same. Returns whether the setting took effect; None/0 leaves malloc alone.
+    launched by a sweep) do the same. Returns whether the setting took effect; None/0 leaves malloc alone,
+    and so does a MALLOC_*_THRESHOLD_ the user set in the environment (glibc has applied it already).
     """
     if not max_block_mb or not sys.platform.startswith("linux"):
         return False
     mmap_bytes = min(int(float(max_block_mb) * 2**20), INT_MAX)
     trim_bytes = min(2 * mmap_bytes, INT_MAX)
+    values = dict(zip(ENV_NAMES, (str(mmap_bytes), str(trim_bytes))))
+    # a value other than ours (this call's, or this process's earlier export) is the user's; an inherited
+    # export of the same setting (a DDP process spawned by train.py) is not
+    user_set = [name for name in ENV_NAMES if os.environ.get(name, values[name]) not in (values[name], _EXPORTED.get(name))]
+    if user_set:
+        log.info("%s set in the environment: malloc_keep_block_mb=%s not applied", " and ".join(user_set), max_block_mb)
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -44,11 +53,6 @@ def keep_freed_blocks(max_block_mb: float | None) -> bool:
     if not (mallopt(M_MMAP_THRESHOLD, mmap_bytes) and mallopt(M_TRIM_THRESHOLD, trim_bytes)):
         log.debug("mallopt refused thresholds %d/%d bytes; malloc left at its defaults", mmap_bytes, trim_bytes)
         return False
-    _export("MALLOC_MMAP_THRESHOLD_", str(mmap_bytes))
-    _export("MALLOC_TRIM_THRESHOLD_", str(trim_bytes))
+    os.environ.update(values)
+    _EXPORTED.update(values)
     return True
-
-
-def _export(name: str, value: str) -> None:
-    if os.environ.get(name, _EXPORTED.get(name)) == _EXPORTED.get(name):  # unset, or our own earlier value
-        os.environ[name] = _EXPORTED[name] = value

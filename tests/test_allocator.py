@@ -47,17 +47,23 @@ def test_huge_values_are_capped_at_what_mallopt_takes():
 CHILD_TWICE = """
 import os
 from stellarlab.allocator import keep_freed_blocks
-keep_freed_blocks(64)
-keep_freed_blocks(32)  # the next job of a single-process multirun
+print(keep_freed_blocks(64), keep_freed_blocks(32))  # the second: the next job of a single-process multirun
 print(os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_"))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt thresholds are a Linux/glibc setting")
-@pytest.mark.parametrize("user_env", [{}, {"MALLOC_MMAP_THRESHOLD_": "1234"}])
-def test_a_later_call_replaces_its_own_export_but_not_the_users(user_env):
+@pytest.mark.parametrize(
+    "user_env, expected",
+    [
+        ({}, ["True True", f"{32 * 2**20} {64 * 2**20}"]),  # the later call replaces its own export
+        ({"MALLOC_MMAP_THRESHOLD_": "1234"}, ["False False", "1234 None"]),  # the user's malloc setting wins
+        # inherited from a parent that made the same setting (DDP spawn): applied here too
+        ({"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20)},
+         ["True True", f"{32 * 2**20} {64 * 2**20}"]),
+    ],
+)
+def test_a_later_call_replaces_its_own_export_but_never_the_users(user_env, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | user_env
     out = subprocess.run([sys.executable, "-c", CHILD_TWICE], env=env, capture_output=True, text=True, check=True)
-    mmap_value, trim_value = out.stdout.split()
-    assert mmap_value == user_env.get("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))
-    assert trim_value == str(64 * 2**20)
+    assert out.stdout.splitlines() == expected
