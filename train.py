@@ -43,7 +43,6 @@ def train(cfg: DictConfig) -> dict:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from stellarlab.allocator import keep_freed_blocks
-
     from stellarlab.callbacks import ExactResume, GracefulStop
     from stellarlab.devices import check_trainer_config
     from stellarlab.evaluation import test_model
