@@ -1,9 +1,10 @@
-"""Hydra glue: the `run_id` resolver for unique run folders, instantiation of named groups and the
-log filter that `conf/hydra/default.yaml` puts on the console and the run's log file."""
+"""Hydra glue: the `run_id` and `cwd` resolvers, instantiation of named groups and the log filter that
+`conf/hydra/default.yaml` puts on the console and the run's log file."""
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 
@@ -20,6 +21,9 @@ def register_resolvers() -> None:
     # use_cache: one value per config object, so every use of ${run_id:} in a run agrees.
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", new_run_id, use_cache=True)
+    # the folder the command runs from (paths.root_dir); resolvable before Hydra registers its config
+    if not OmegaConf.has_resolver("cwd"):
+        OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True)
 
 
 def instantiate_group(group: DictConfig | None) -> list:

@@ -138,15 +138,13 @@ def find_last_run(runs_dir: Path) -> Path:
 def runs_dir_of(overrides: Sequence[str], conf_dir: str | Path) -> Path:
     """`${paths.log_dir}/${task_name}/runs` of the config these overrides compose (an experiment may set task_name)."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
 
-    import stellarlab.config  # noqa: F401  (the run_id resolver)
+    import stellarlab.config  # noqa: F401  (the run_id and cwd resolvers)
 
     task_overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=task_overrides, return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.cwd} in paths.root_dir
+            cfg = compose(config_name="train", overrides=task_overrides)
             return Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
     except ConfigError:
         raise

@@ -14,7 +14,6 @@ is a Hydra callback: Hydra creates the run folder before any task code runs, so 
 
 from __future__ import annotations
 
-import copy
 import difflib
 import inspect
 import math
@@ -493,27 +492,10 @@ class OutputFolderCheck(Callback):
             sys.exit(2)
 
     def on_run_start(self, config, **kwargs: Any) -> None:
-        self._check(_resolve_before_hydra(config, "hydra.run.dir"), "run")
+        self._check(config.hydra.run.dir, "run")
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        self._check(_resolve_before_hydra(config, "hydra.sweep.dir"), "sweep")
-
-
-def _resolve_before_hydra(config, key: str) -> Any:
-    """`key` of a config whose `${hydra:...}` interpolations (the default `paths.root_dir` is
-    `${hydra:runtime.cwd}`) Hydra can only resolve once it has registered the config, after these callbacks."""
-    from hydra.conf import HydraConf
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    registry = HydraConfig.instance()
-    previous = registry.cfg
-    try:
-        if previous is None and issubclass(OmegaConf.get_type(config, "hydra") or object, HydraConf):
-            registry.set_config(copy.deepcopy(config))  # a copy: set_config marks the hydra node read-only
-        return OmegaConf.select(config, key, throw_on_missing=True)
-    finally:
-        registry.cfg = previous
+        self._check(config.hydra.sweep.dir, "sweep")
 
 
 __all__ = [

@@ -269,8 +269,8 @@ def _(env):
 
 @pytest.mark.parametrize("mode", ["run", "sweep"])
 def test_default_log_dir_is_checked_before_hydra_creates_it(tmp_path, mode):
-    """The default paths.log_dir goes through ${hydra:runtime.cwd}, which Hydra resolves only after its
-    callbacks: the check must still see it (once it only warned, and Hydra then failed with a traceback)."""
+    """The default paths.log_dir is under the folder the command runs from (once ${hydra:runtime.cwd}, which
+    Hydra could not resolve this early: the check only warned, and Hydra then failed with a traceback)."""
     (tmp_path / "outputs").write_text("a file where the run folders would go")
     env = {k: v for k, v in os.environ.items() if k != "STELLARLAB_ROOT"}
     argv = [sys.executable, str(ROOT / "train.py"), *(["-m", "model=linear,mlp"] if mode == "sweep" else [])]

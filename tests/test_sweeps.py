@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,20 @@ def warm_cache(survey_cache, tmp_path_factory) -> Path:
     cfg = compose_config(FAST, tmp_path=tmp_path_factory.mktemp("warm"), cache_dir=survey_cache)
     hydra.utils.instantiate(cfg.data).prepare_data()
     return survey_cache
+
+
+@pytest.mark.slow
+def test_multirun_with_the_default_folders_runs_from_any_folder(tmp_path, warm_cache):
+    """`python train.py -m ...` as the README shows it: no paths.* given, so runs land under ./outputs of
+    the folder it is run from (Hydra resolves the sweep folder before it can answer ${hydra:runtime.cwd})."""
+    env = {k: v for k, v in os.environ.items() if k != "STELLARLAB_ROOT"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, "trainer.max_epochs=1", "model=linear,mlp",
+           f"paths.cache_dir={warm_cache}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = only_sweep(tmp_path)
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert [read(sweep / job / "metrics.json")["status"] for job in ("0", "1")] == ["ok", "ok"]
 
 
 @pytest.mark.slow
