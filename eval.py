@@ -46,11 +46,11 @@ def run_config(cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict:
     import torch
 
-    from stellarlab.allocator import keep_freed_blocks
-    from stellarlab.devices import check_trainer_config
-    from stellarlab.evaluation import test_model
-    from stellarlab.prediction import load_model
-    from stellarlab.reports import write_json_atomic
+    from stellarlab.files import write_json_atomic
+    from stellarlab.results.evaluation import test_model
+    from stellarlab.results.prediction import load_model
+    from stellarlab.run.allocator import keep_freed_blocks
+    from stellarlab.run.devices import check_trainer_config
 
     cfg = run_config(cfg)
     check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))

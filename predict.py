@@ -25,8 +25,8 @@ register_resolvers()
 
 def run_predict(cfg: DictConfig) -> dict:
     """Read, predict, write; returns the paths written and the number of spectra."""
-    from stellarlab import prediction
-    from stellarlab.devices import check_trainer_config
+    from stellarlab.results import prediction
+    from stellarlab.run.devices import check_trainer_config
 
     device = check_trainer_config(cfg.accelerator, "32-true")
     model, preprocessing = prediction.load_model(cfg.ckpt_path, map_location="cpu")

@@ -26,8 +26,14 @@ from omegaconf import DictConfig
 
 from stellarlab.config import instantiate_group, register_resolvers
 from stellarlab.errors import ConfigError, exit_on_user_error
-from stellarlab.resume import resume_argv, resume_point, run_lock, tensorboard_continuing, use_resume_folder
-from stellarlab.sweep import in_multirun, record_failure
+from stellarlab.run.resume import (
+    resume_argv,
+    resume_point,
+    run_lock,
+    tensorboard_continuing,
+    use_resume_folder,
+)
+from stellarlab.run.sweep import in_multirun, record_failure
 
 log = logging.getLogger("stellarlab.train")
 register_resolvers()
@@ -35,20 +41,20 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by `cfg`; returns the summary also written to metrics.json."""
-    from stellarlab.validation import validate_train_config
+    from stellarlab.run.validation import validate_train_config
 
     validate_train_config(cfg)  # a value that cannot work: one line now, not a library traceback later
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from stellarlab.allocator import keep_freed_blocks
-    from stellarlab.callbacks import ExactResume, GracefulStop
-    from stellarlab.devices import check_trainer_config
-    from stellarlab.evaluation import test_model
-    from stellarlab.hparams import log_final_metrics, log_hyperparameters
+    from stellarlab.files import write_json_atomic
     from stellarlab.models.base import EPOCHS_METRIC
-    from stellarlab.reports import write_json_atomic
+    from stellarlab.results.evaluation import test_model
+    from stellarlab.results.hparams import log_final_metrics, log_hyperparameters
+    from stellarlab.run.allocator import keep_freed_blocks
+    from stellarlab.run.callbacks import ExactResume, GracefulStop
+    from stellarlab.run.devices import check_trainer_config
 
     use_resume_folder(cfg)  # train(cfg) with resume= set; on the command line resume_argv has done it
     output_dir = Path(cfg.paths.output_dir)

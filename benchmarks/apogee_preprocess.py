@@ -51,7 +51,12 @@ def make_files(root: Path, n_stars: int, pool: np.ndarray, seed: int = 0) -> tup
     Each file gets one of the noise-free `pool` spectra plus its own noise (generating 20,000 distinct
     spectra would time the generator, not the reader).
     """
-    from tests.apogee_fixtures import AspcapStarTemplate, aspcapstar_arrays, make_catalog, write_allstar
+    from tests.apogee_fixtures import (
+        AspcapStarTemplate,
+        aspcapstar_arrays,
+        make_catalog,
+        write_allstar,
+    )
 
     t0 = time.perf_counter()
     cols, _ = make_catalog(n_stars, seed)

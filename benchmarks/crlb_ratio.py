@@ -5,7 +5,7 @@
     python benchmarks/crlb_ratio.py --run-dir outputs/train/runs/<run> [...]   # evaluate finished runs instead
 
 For each run: test RMSE per label, the RMS over the test spectra of the per-spectrum Cramér–Rao bound
-(`stellarlab.crlb`, Fisher matrix from the generator's exact Jacobian, all four generator labels free),
+(`stellarlab.synthetic.crlb`, Fisher matrix from the generator's exact Jacobian, all four generator labels free),
 and their ratio (target: < 2 for the best network at SNR 100). Then a bias-variance split: the model
 predicts R fresh noise realisations of every test star (noise drawn as the survey draws it), so
 MSE = bias^2 + variance per label. The variance (scatter from the noise) is what the Cramér–Rao bound
@@ -66,8 +66,8 @@ def _resampled_predictions(dm, model, n_realisations: int, seed: int = 0) -> np.
     """(R, N, L) physical predictions for R fresh noise draws of each test spectrum (noise as the survey draws it)."""
     import torch
 
-    from stellarlab.crlb import pixel_index
     from stellarlab.synthetic import SpectrumGenerator
+    from stellarlab.synthetic.crlb import pixel_index
 
     survey = dm._make()
     idx = dm.split_index["test"]
@@ -105,8 +105,8 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | Path | None = None, n_rea
     import torch
     from hydra.utils import get_class
 
-    from stellarlab.crlb import crlb_vs_rmse
-    from stellarlab.uncertainty import calibration
+    from stellarlab.metrics import calibration
+    from stellarlab.synthetic.crlb import crlb_vs_rmse
 
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -23,7 +23,7 @@ _MEASURE = textwrap.dedent(
     import json, sys
     import torch
     from omegaconf import OmegaConf
-    from stellarlab.allocator import keep_freed_blocks
+    from stellarlab.run.allocator import keep_freed_blocks
 
     args = json.loads(sys.argv[1])
     applied = keep_freed_blocks(OmegaConf.load("conf/train.yaml").malloc_keep_block_mb) if args["keep"] else False

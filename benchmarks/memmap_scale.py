@@ -47,7 +47,7 @@ _TRAIN = textwrap.dedent(
     from stellarlab.models import LinearRegressor
 
     from omegaconf import OmegaConf
-    from stellarlab.allocator import keep_freed_blocks
+    from stellarlab.run.allocator import keep_freed_blocks
 
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])

@@ -31,10 +31,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import stellarlab.config  # noqa: F401  (run_id resolver)
-from stellarlab.allocator import keep_freed_blocks
 from stellarlab.config import instantiate_group
 from stellarlab.data import SpectraArrays, SpectraDataModule
 from stellarlab.models.base import masked_mse
+from stellarlab.run.allocator import keep_freed_blocks
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 N_PIXELS = 8575

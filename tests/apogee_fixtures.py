@@ -21,7 +21,13 @@ import numpy as np
 from astropy.io import fits
 
 from stellarlab.data.apogee_catalog import spectrum_filename
-from stellarlab.data.apogee_files import APOGEE_DLOGLAM, APOGEE_LOGLAM0, APOGEE_NPIX, CHIP_RANGES, chip_mask
+from stellarlab.data.apogee_files import (
+    APOGEE_DLOGLAM,
+    APOGEE_LOGLAM0,
+    APOGEE_NPIX,
+    CHIP_RANGES,
+    chip_mask,
+)
 
 FIELDS = {"apo25m": ["K04_083+13", "060+00", "N6791", "M67"], "lco25m": ["Hdeep_lco", "300-05_lco"]}
 

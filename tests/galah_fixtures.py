@@ -199,7 +199,7 @@ def write_galah_dr4(
     """
     from astropy.table import Table
 
-    from stellarlab.synthetic.grids import GALAH_ARMS, GALAH_NPIX_PER_ARM
+    from stellarlab.grids import GALAH_ARMS, GALAH_NPIX_PER_ARM
 
     root = Path(root)
     spectra_dir = root / "spectra"

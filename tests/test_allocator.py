@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from stellarlab.allocator import keep_freed_blocks
+from stellarlab.run.allocator import keep_freed_blocks
 
 CHILD = """
 import os, sys
-from stellarlab.allocator import keep_freed_blocks
+from stellarlab.run.allocator import keep_freed_blocks
 print(keep_freed_blocks(float(sys.argv[1]) if sys.argv[1] != "None" else None))
 print(os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_"))
 """
@@ -46,7 +46,7 @@ def test_huge_values_are_capped_at_what_mallopt_takes():
 
 CHILD_TWICE = """
 import os
-from stellarlab.allocator import keep_freed_blocks
+from stellarlab.run.allocator import keep_freed_blocks
 print(keep_freed_blocks(64), keep_freed_blocks(32))  # the second: the next job of a single-process multirun
 print(os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_"))
 """

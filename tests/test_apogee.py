@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -276,7 +277,7 @@ def test_a_killed_cache_build_leaves_nothing_trusted(tmp_path):
     assert not cache.exists() and not cache.path.exists()
     assert list(tmp_path.iterdir()) == []
     # a temporary folder of a process that no longer exists is cleaned up by the next build
-    stale = tmp_path / f".{cache.path.name}.tmp-999999999-abc"
+    stale = tmp_path / f".{cache.path.name}.tmp-{socket.gethostname()}-999999999-abc"
     stale.mkdir()
     with cache.writer({"flux": ((2, 4), np.float32)}) as w:
         w["flux"][:] = 2.0
@@ -452,7 +453,7 @@ def test_configs_compose(tmp_path):
     assert compose_config(["data=apogee", "data.source=apStar"], tmp_path=tmp_path).data.spectra_dir.endswith("/apogee/apStar")
     for model in ("linear", "mlp"):
         exp = compose_config(["experiment=apogee_rgb_logg", f"model={model}"], tmp_path=tmp_path)
-        assert exp.model._target_ == {"linear": "stellarlab.models.LinearRegressor", "mlp": "stellarlab.models.MLPRegressor"}[model]
+        assert exp.model._target_ == {"linear": "stellarlab.models.linear.LinearRegressor", "mlp": "stellarlab.models.mlp.MLPRegressor"}[model]
         assert list(exp.data.labels) == ["logg"] and list(exp.data.split) == [1024, 256, 512]
         assert exp.data.split_seed == 17 and exp.data.cuts.preset == "rgb"
         syn = compose_config(["experiment=apogee_rgb_logg_synthetic", f"model={model}"], tmp_path=tmp_path)

@@ -41,7 +41,12 @@ SURVEY = dict(survey="apogee", n_stars=40, snr=50.0, seed=7, progress=False)
 
 @pytest.mark.slow
 def test_survey_cache_killed_mid_write_is_not_trusted_and_the_next_run_rebuilds_it(tmp_path):
-    from stellarlab.synthetic.survey import _canonical_params, _load_cache, cache_key, make_survey
+    from stellarlab.synthetic.survey import (
+        _canonical_params,
+        _load_cache,
+        cache_key,
+        make_survey,
+    )
 
     params = _canonical_params("apogee", 40, 50.0, 7, 1, False, 3)
     final = tmp_path / f"apogee-{cache_key(params)}"
@@ -93,7 +98,7 @@ def test_array_cache_killed_mid_build_is_not_trusted_and_the_stale_build_is_clea
     kill_after(proc, "half")
     cache = ArrayCache(tmp_path, "spectra", config)
     assert not cache.exists() and not cache.path.exists()
-    (stale,) = tmp_path.glob(f".{cache.path.name}.tmp-{proc.pid}-*")
+    (stale,) = tmp_path.glob(f".{cache.path.name}.tmp-*-{proc.pid}-*")
     assert not (stale / "meta.json").exists()
 
     with cache.writer({"flux": ((400, 256), "float32"), "id": ((400,), "int64")}) as w:  # the next build
@@ -108,7 +113,7 @@ def test_array_cache_killed_mid_build_is_not_trusted_and_the_stale_build_is_clea
 def test_trainer_writes_checkpoints_through_the_atomic_plugin(tmp_path):
     import hydra
 
-    from stellarlab.callbacks import AtomicCheckpointIO
+    from stellarlab.run.callbacks import AtomicCheckpointIO
     from tests.conftest import compose_config
 
     cfg = compose_config(["trainer.accelerator=cpu"], tmp_path=tmp_path)
@@ -117,7 +122,7 @@ def test_trainer_writes_checkpoints_through_the_atomic_plugin(tmp_path):
 
 
 def test_a_failing_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    from stellarlab.callbacks import AtomicCheckpointIO
+    from stellarlab.run.callbacks import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -136,13 +141,13 @@ def test_a_failing_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_checkpoint_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
-    from stellarlab.callbacks import AtomicCheckpointIO
+    from stellarlab.run.callbacks import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(4)}, path)
     proc = child(
         "import time, torch\n"
-        "from stellarlab.callbacks import AtomicCheckpointIO\n"
+        "from stellarlab.run.callbacks import AtomicCheckpointIO\n"
         "def slow_save(obj, fh, *a, **k):\n"
         "    fh.write(b'x' * 1_000_000)\n"
         "    fh.flush()\n"
@@ -204,7 +209,7 @@ class StallingServer:
 
 
 def test_download_killed_mid_transfer_leaves_only_a_part_file_that_the_next_run_resumes(tmp_path):
-    from stellarlab.fetch import DOWNLOADED, Fetcher, FileJob
+    from stellarlab.download.fetch import DOWNLOADED, Fetcher, FileJob
 
     data = np.random.default_rng(0).bytes(8 << 20)
     sha1 = hashlib.sha1(data).hexdigest()
@@ -214,7 +219,7 @@ def test_download_killed_mid_transfer_leaves_only_a_part_file_that_the_next_run_
         proc = child(
             "import sys\n"
             "from pathlib import Path\n"
-            "from stellarlab.fetch import Fetcher, FileJob\n"
+            "from stellarlab.download.fetch import Fetcher, FileJob\n"
             f"Fetcher(workers=1, retries=0, timeout=120, progress=False).fetch_all([FileJob({server.url!r}, Path({str(dest)!r}), {sha1!r})])\n"
         )
         part = dest.with_name(dest.name + ".part")

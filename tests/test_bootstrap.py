@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 import stellarlab.metrics as metrics_module
-from stellarlab.hparams import hparam_metric_names, metric_tag, summary_metrics
 from stellarlab.metrics import METRIC_NAMES, bootstrap_intervals, label_metrics
-from stellarlab.reports import metrics_table
+from stellarlab.results.hparams import hparam_metric_names, metric_tag, summary_metrics
+from stellarlab.results.reports import metrics_table
 
 
 def _data(n=300, seed=5):

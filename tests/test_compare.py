@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarlab.compare import collect_runs, compare, main
+from stellarlab.results.compare import collect_runs, compare, main
 from tests.conftest import ROOT
 
 COMMON = ["data.n_stars=600", "trainer.max_epochs=2"]

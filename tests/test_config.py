@@ -11,9 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from stellarlab.config import instantiate_group
-from stellarlab.devices import available_accelerators, check_trainer_config
 from stellarlab.errors import ConfigError
-
+from stellarlab.run.devices import available_accelerators, check_trainer_config
 from tests.conftest import CONF_DIR, ROOT, compose_config
 
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "paths", "debug", "experiment", "hparams_search", "launcher"]

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from stellarlab.crlb import (crlb_from_fisher, crlb_vs_rmse, fisher_matrix, generator_fisher, jacobian, pixel_index,
-                             rms, survey_crlb)
+from stellarlab.synthetic.crlb import (
+    crlb_from_fisher,
+    crlb_vs_rmse,
+    fisher_matrix,
+    generator_fisher,
+    jacobian,
+    pixel_index,
+    rms,
+    survey_crlb,
+)
 
 
 def _toy(seed=0, n_pixels=40, n_labels=3):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarlab.fetch import (
+from stellarlab.download.fetch import (
     DOWNLOADED,
     FAILED,
     PRESENT,
@@ -296,7 +296,7 @@ def test_sha1sum_lists_parse_and_summary_lists_failures(tmp_path):
     a, b = "a" * 40, "B" * 40
     text = f"{a}  apStar-dr17-2M1.fits\n{b} *sub/dir/apStar-dr17-2M2.fits\nnot a sum line\n\n"
     assert parse_sha1sums(text) == {"apStar-dr17-2M1.fits": a, "apStar-dr17-2M2.fits": b.lower()}
-    from stellarlab.fetch import FileResult
+    from stellarlab.download.fetch import FileResult
 
     results = [
         FileResult(FileJob("u1", tmp_path / "a" / "1.fits"), DOWNLOADED, nbytes=1500, verified=True),
@@ -356,7 +356,7 @@ def serve_galah4(server: FileServer, wrong_sha256_for: str | None = None) -> dic
 
 
 def test_galah4_through_huggingface_hub_verified_then_present(server, tmp_path):
-    from stellarlab.download import download
+    from stellarlab.download.command import download
 
     files = serve_galah4(server)
     server.drops[f"{HF_REPO}/spectra.npy"] = [15_000]  # huggingface_hub retries within the call
@@ -468,7 +468,7 @@ def files_under(root: Path) -> dict[str, bytes]:
 
 
 def test_apogee_catalogue_then_the_spectra_that_pass_the_cuts(server, tmp_path):
-    from stellarlab.download import download
+    from stellarlab.download.command import download
 
     site = ApogeeSite(server, tmp_path)
     site.write_sums(wrong=(5,))  # the published SHA1 of star 5's file is wrong
@@ -513,7 +513,7 @@ def test_apogee_catalogue_then_the_spectra_that_pass_the_cuts(server, tmp_path):
 
 
 def test_apogee_max_stars_and_dry_run(server, tmp_path):
-    from stellarlab.download import download
+    from stellarlab.download.command import download
 
     site = ApogeeSite(server, tmp_path)
     dry = download(apogee_cfg(site, tmp_path, "download.dry_run=true"))
@@ -557,7 +557,7 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path):
 
 
 def test_apogee_sha1_list_that_cannot_be_fetched_fails_its_folder_only(server, tmp_path):
-    from stellarlab.download import download
+    from stellarlab.download.command import download
 
     site = ApogeeSite(server, tmp_path)
     hdeep = site.sums_path["lco25m/Hdeep_lco"]
@@ -571,7 +571,7 @@ def test_apogee_sha1_list_that_cannot_be_fetched_fails_its_folder_only(server, t
 
 
 def test_apogee_config_mistakes_are_caught_before_any_download(server, tmp_path):
-    from stellarlab.download import download
+    from stellarlab.download.command import download
     from stellarlab.errors import ConfigError
 
     site = ApogeeSite(server, tmp_path)

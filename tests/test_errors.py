@@ -28,7 +28,12 @@ from omegaconf import open_dict
 
 import train as train_script
 from stellarlab.errors import ConfigError, DataError, StellarlabError
-from tests.apogee_fixtures import make_catalog, write_allstar, write_apstar, write_aspcapstar
+from tests.apogee_fixtures import (
+    make_catalog,
+    write_allstar,
+    write_apstar,
+    write_aspcapstar,
+)
 from tests.conftest import CONF_DIR, ROOT, TINY, compose_config
 
 GALAH4_PIXELS = 16384
@@ -130,10 +135,10 @@ TRAIN_CONFIG_CASES = [
      r"did you mean optimizer\.lr\?.*valid options: .*weight_decay.*~optimizer\.lrr"),
     ("optimizer class that does not exist", ["optimizer._target_=torch.optim.Adamm"], r"optimizer\._target_=torch\.optim\.Adamm cannot be imported",
      r"check the spelling or choose an option of the optimizer group"),
-    ("option the model does not take", ["+model.hiden_sizes=[64]"], r"model\.hiden_sizes is not an option of stellarlab\.models\.MLPRegressor",
+    ("option the model does not take", ["+model.hiden_sizes=[64]"], r"model\.hiden_sizes is not an option of stellarlab\.models\.mlp\.MLPRegressor",
      r"did you mean model\.hidden_sizes\?.*valid options: activation, batch_norm, dropout, hidden_sizes"),
     ("model option set from the data", ["+model.n_pixels=100"], r"model\.n_pixels is set by stellarlab itself", r"remove model\.n_pixels"),
-    ("option the data module does not take", ["+data.n_star=100"], r"data\.n_star is not an option of stellarlab\.data\.SyntheticDataModule",
+    ("option the data module does not take", ["+data.n_star=100"], r"data\.n_star is not an option of stellarlab\.data\.synthetic\.SyntheticDataModule",
      r"did you mean data\.n_stars\?"),
     ("dropout of 1.5", ["model.dropout=1.5"], r"model\.dropout=1\.5 .*>= 0 and < 1", r"e\.g\. model\.dropout=0\.1"),
     ("hidden layer of width 0", ["model.hidden_sizes=[256,0]"],
@@ -183,7 +188,7 @@ for _name, _overrides, _problem, _fix in TRAIN_CONFIG_CASES:
 @case("requested accelerator unavailable", r"trainer\.accelerator=(cuda|mps) is not available on this machine; available: cpu",
       r"use trainer\.accelerator=auto to pick the best one")
 def _(env):
-    from stellarlab.devices import available_accelerators
+    from stellarlab.run.devices import available_accelerators
 
     missing = [a for a in ("cuda", "mps") if a not in available_accelerators()]
     if not missing:
@@ -239,14 +244,14 @@ def _(env):
 
 
 def _has_output_check() -> bool:
-    return "stellarlab.validation.OutputFolderCheck" in (CONF_DIR / "hydra" / "default.yaml").read_text()
+    return "stellarlab.run.validation.OutputFolderCheck" in (CONF_DIR / "hydra" / "default.yaml").read_text()
 
 
 @case("unwritable paths.log_dir (subprocess)", r"^error: cannot create the run folder .*a-file/out/train/runs/.*: .*a-file is a file, not a folder",
       r"set paths\.log_dir to a folder you can write")
 def _(env):
     if not _has_output_check():
-        pytest.skip("conf/hydra/default.yaml does not register stellarlab.validation.OutputFolderCheck yet")
+        pytest.skip("conf/hydra/default.yaml does not register stellarlab.run.validation.OutputFolderCheck yet")
     (env.tmp / "a-file").write_text("not a folder")
     return error_line(run_cli(env, "train.py", f"paths.log_dir={env.tmp / 'a-file' / 'out'}"))
 
@@ -256,7 +261,7 @@ def _(env):
 def _(env):
     from omegaconf import OmegaConf
 
-    from stellarlab.validation import OutputFolderCheck
+    from stellarlab.run.validation import OutputFolderCheck
 
     (env.tmp / "a-file").write_text("not a folder")
     config = OmegaConf.create({"hydra": {"run": {"dir": str(env.tmp / "a-file" / "runs" / "x")}}})
@@ -481,7 +486,7 @@ def _(env):
 # -- predict.py -----------------------------------------------------------------------------------
 def read_npy(env: Env, flux: np.ndarray | None = None, path: Path | None = None, input_wavelength=None):
     from stellarlab.data.apogee_files import apogee_wavelength
-    from stellarlab.prediction import read_spectra
+    from stellarlab.results.prediction import read_spectra
 
     if path is None:
         path = env.tmp / "spectra.npy"
@@ -532,7 +537,7 @@ def _(env):
 @case("predict input that does not exist", r"input .*missing\.npy: no such file or folder",
       r"give input=<file>, <folder> or \[<file>,<file>,\.\.\.\]")
 def _(env):
-    from stellarlab.prediction import find_inputs
+    from stellarlab.results.prediction import find_inputs
 
     return raised(DataError, find_inputs, [str(env.tmp / "missing.npy")], "auto")
 
@@ -540,7 +545,7 @@ def _(env):
 @case("predict format that does not exist", r"format='fits' is not one of \['auto', 'aspcapStar', 'apStar', 'npy'\]",
       r"format=auto tells it from each file's name")
 def _(env):
-    from stellarlab.prediction import find_inputs
+    from stellarlab.results.prediction import find_inputs
 
     return raised(ConfigError, find_inputs, [str(env.tmp)], "fits")
 
@@ -548,7 +553,7 @@ def _(env):
 @case("file whose format cannot be told from its name", r"cannot tell the format of .*star\.fits from its name",
       r"pass format=aspcapStar\|apStar\|npy")
 def _(env):
-    from stellarlab.prediction import file_format
+    from stellarlab.results.prediction import file_format
 
     return raised(DataError, file_format, env.tmp / "star.fits", "auto")
 
@@ -561,7 +566,7 @@ def _(env):
 
 @case("truncated checkpoint", r"checkpoint .*cut\.ckpt cannot be read", r"is the file complete\?")
 def _(env):
-    from stellarlab.prediction import read_checkpoint
+    from stellarlab.results.prediction import read_checkpoint
 
     path = env.tmp / "cut.ckpt"
     path.write_bytes(Path(env.files["checkpoint"]()).read_bytes()[:5000])
@@ -592,7 +597,7 @@ def _(env):
 
 @case("compare on a folder that does not exist", r"^error: .*no-such-sweep is not a folder", r"give a sweep folder such as outputs/train/multiruns/")
 def _(env):
-    from stellarlab.compare import main
+    from stellarlab.results.compare import main
 
     env.capsys.readouterr()
     assert main([str(env.tmp / "no-such-sweep")]) == 2

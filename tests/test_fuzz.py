@@ -279,7 +279,7 @@ def test_galah4_reader_returns_finite_tensors_or_a_stellarlab_error(data, fortra
        resample=st.booleans())
 def test_predict_npy_reader_returns_finite_spectra_or_a_data_error(data, fortran, cut, preprocessing, resample, tmp_path_factory):
     from stellarlab.data.apogee_files import apogee_wavelength
-    from stellarlab.prediction import read_spectra
+    from stellarlab.results.prediction import read_spectra
 
     folder = tmp_path_factory.getbasetemp() / "fuzz-predict"
     folder.mkdir(exist_ok=True)
@@ -350,7 +350,7 @@ def with_values(base, **updates):
 
 def validated(cfg, *keys: str) -> bool:
     """True if validation accepts cfg; a refusal must be a ConfigError naming one of `keys`."""
-    from stellarlab.validation import validate_train_config
+    from stellarlab.run.validation import validate_train_config
 
     try:
         validate_train_config(cfg)

@@ -19,9 +19,14 @@ import torch
 from astropy.io import fits
 
 import train as train_script
-from stellarlab.data.galah import GALAH4_COLUMNS, GALAH4DataModule, GALAHDR4DataModule, canonical_label
+from stellarlab.data.galah import (
+    GALAH4_COLUMNS,
+    GALAH4DataModule,
+    GALAHDR4DataModule,
+    canonical_label,
+)
 from stellarlab.errors import ConfigError, DataError
-from stellarlab.synthetic.grids import galah_wavelength
+from stellarlab.grids import galah_wavelength
 from tests.conftest import compose_config
 from tests.galah_fixtures import C_KMS, make_galah4, synthetic_galah, write_galah_dr4
 
@@ -392,7 +397,7 @@ def test_galah_cnn_experiment_recipe(tmp_path):
     assert cfg.data.root == str(tmp_path / "data" / "galah4")
     assert list(cfg.data.labels) == ["teff", "logg", "fe_h"]
     assert list(cfg.data.split) == [0.7, 0.15, 0.15] and cfg.data.batch_size == 32
-    assert cfg.model._target_ == "stellarlab.models.CNNRegressor"
+    assert cfg.model._target_ == "stellarlab.models.cnn.CNNRegressor"
     assert len(cfg.model.channels) == len(cfg.model.pool_sizes) == 3 and min(cfg.model.pool_sizes) > 1
     assert list(cfg.model.hidden_sizes) == [128]
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-3
@@ -405,7 +410,7 @@ def test_galah_cnn_runs_on_the_synthetic_survey_with_the_same_shapes(galah4, tmp
     # the command line's data=... replaces the experiment's data option, in either order
     for overrides in (["experiment=galah_cnn", "data=synthetic_galah"], ["data=synthetic_galah", "experiment=galah_cnn"]):
         cfg = compose_config([*overrides, "data.n_stars=60"], tmp_path=tmp_path, cache_dir=survey_cache)
-        assert cfg.data._target_ == "stellarlab.data.SyntheticDataModule" and cfg.data.survey == "galah"
+        assert cfg.data._target_ == "stellarlab.data.synthetic.SyntheticDataModule" and cfg.data.survey == "galah"
         assert cfg.data.batch_size == 32 and list(cfg.data.split) == [0.7, 0.15, 0.15]
     synthetic = hydra.utils.instantiate(cfg.data)
     synthetic.setup()

@@ -18,7 +18,7 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext
 
 from stellarlab.errors import ConfigError
-from stellarlab.resume import LOCK_FILE, resume_argv
+from stellarlab.run.resume import LOCK_FILE, resume_argv
 from tests.conftest import CONF_DIR, ROOT, TINY, compose_config
 
 STEPS_PER_EPOCH = 14  # 420 training spectra in batches of 32
@@ -106,7 +106,7 @@ def cache(survey_cache) -> Path:
     here, before runs start side by side (each would otherwise compute them)."""
     import hydra
 
-    from stellarlab.crlb import survey_crlb
+    from stellarlab.synthetic.crlb import survey_crlb
 
     cfg = compose_config(RUN, tmp_path=survey_cache / "warm", cache_dir=survey_cache)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -319,7 +319,7 @@ def test_rng_states_survive_a_weights_only_checkpoint_round_trip(tmp_path):
 
     import numpy as np
 
-    from stellarlab.callbacks import ExactResume
+    from stellarlab.run.callbacks import ExactResume
 
     torch.manual_seed(1)
     np.random.seed(2)
@@ -335,7 +335,7 @@ def test_rng_states_survive_a_weights_only_checkpoint_round_trip(tmp_path):
 def test_an_early_stop_decided_before_the_checkpoint_stays_decided():
     from pytorch_lightning.callbacks import EarlyStopping
 
-    from stellarlab.callbacks import ExactResume
+    from stellarlab.run.callbacks import ExactResume
 
     stopper = EarlyStopping(monitor="val/loss", patience=3)
     stopper.load_state_dict({"wait_count": 3, "stopped_epoch": 7, "best_score": torch.tensor(0.1), "patience": 3})

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf, open_dict, read_write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_script
-from stellarlab.compare import collect_runs, compare
-from stellarlab.sweep import TooManyFailures
+from stellarlab.results.compare import collect_runs, compare
+from stellarlab.run.sweep import TooManyFailures
 from tests.conftest import ROOT, TINY, compose_config
 
 FAST = [*TINY, "trainer.max_epochs=2"]

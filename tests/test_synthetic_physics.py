@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from stellarlab.synthetic import (APOGEE_CHIP_RANGES, LABEL_NAMES, SpectrumGenerator, air_to_vacuum,
-                                  apogee_chip_mask, apogee_wavelength, galah_wavelength, load_linelist)
-from stellarlab.synthetic.grids import GALAH_ARMS, pixels_per_fwhm, survey_grid
+from stellarlab.grids import (
+    APOGEE_CHIP_RANGES,
+    GALAH_ARMS,
+    air_to_vacuum,
+    apogee_chip_mask,
+    apogee_wavelength,
+    galah_wavelength,
+    pixels_per_fwhm,
+    survey_grid,
+)
+from stellarlab.synthetic import LABEL_NAMES, SpectrumGenerator, load_linelist
 
 GIANT = [4800.0, 2.5, 0.0, 0.0]
 SUN = [5777.0, 4.44, 0.0, 0.0]

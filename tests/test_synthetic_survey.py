@@ -10,8 +10,14 @@ import pytest
 import torch
 
 import stellarlab.synthetic.survey as survey_mod
-from stellarlab.synthetic import (LABEL_NAMES, SpectrumGenerator, SyntheticSurvey, apogee_chip_mask, make_survey,
-                                  sample_labels)
+from stellarlab.grids import apogee_chip_mask
+from stellarlab.synthetic import (
+    LABEL_NAMES,
+    SpectrumGenerator,
+    SyntheticSurvey,
+    make_survey,
+    sample_labels,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from stellarlab.errors import ConfigError
+from stellarlab.metrics import (
+    GAUSSIAN_COVERAGE,
+    calibration,
+    calibration_summary,
+    z_scores,
+)
 from stellarlab.models import CNNRegressor, LinearRegressor, MLPRegressor
 from stellarlab.models.base import SIGMA_MIN, masked_gaussian_nll, masked_mse
-from stellarlab.uncertainty import GAUSSIAN_COVERAGE, calibration, calibration_summary, z_scores
 
 LABELS = ["teff", "logg", "fe_h"]
 
@@ -163,8 +168,9 @@ def test_gaussian_nll_learns_the_noise_level_of_a_known_problem():
 # -- end to end ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_train_with_gaussian_nll_reports_calibration_and_reloads(tiny_cfg):
-    import train as train_script
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train as train_script
 
     cfg = tiny_cfg("model=mlp", "model.loss=gaussian_nll", "trainer.max_epochs=6")
     summary = train_script.train(cfg)

@@ -19,7 +19,7 @@ from numpy.polynomial import chebyshev
 from stellarlab.errors import DataError
 
 # DR17 apStar/aspcapStar grid: log10(lambda) = 4.179 + 6e-6 i, i = 0..8574 (vacuum, Angstrom).
-# The same numbers as stellarlab.synthetic.grids, repeated here so that reading files needs no torch.
+# The same numbers as stellarlab.grids, repeated here so that reading files needs no torch.
 APOGEE_LOGLAM0 = 4.179
 APOGEE_DLOGLAM = 6e-6
 APOGEE_NPIX = 8575

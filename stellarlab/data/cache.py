@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from stellarlab.errors import DataError
+from stellarlab.files import temporary_sibling
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,6 @@ def config_hash(config: Mapping, length: int = 16) -> str:
     """Hex digest of a JSON-able config (key order does not matter) and the cache format version."""
     payload = json.dumps({"format_version": FORMAT_VERSION, "config": config}, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:length]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (a lock or temporary folder's owner)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RowFile:
@@ -104,23 +93,6 @@ class CacheWriter:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-
-
-def temporary_sibling(final: Path) -> Path:
-    """A new folder `.<final name>.tmp-<pid>-*` next to `final`, to fill and rename into place.
-
-    Folders of that pattern left by builds whose process is gone (killed, crashed) are removed first.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(stale, ignore_errors=True)
-            log.info("removed the unfinished cache build %s", stale)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
 
 
 class ArrayCache:
@@ -229,4 +201,4 @@ class ArrayCache:
                 w[name][0 : a.shape[0]] = a
 
 
-__all__ = ["ArrayCache", "CacheWriter", "FORMAT_VERSION", "RowFile", "config_hash", "pid_alive", "temporary_sibling"]
+__all__ = ["ArrayCache", "CacheWriter", "FORMAT_VERSION", "RowFile", "config_hash"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from stellarlab.data.base import SpectraArrays, SpectraDataModule
 from stellarlab.errors import ConfigError, DataError
-from stellarlab.synthetic.grids import GALAH_ARMS, GALAH_NPIX_PER_ARM, galah_wavelength
+from stellarlab.grids import GALAH_ARMS, GALAH_NPIX_PER_ARM, galah_wavelength
 
 log = logging.getLogger(__name__)
 

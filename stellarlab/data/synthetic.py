@@ -64,7 +64,9 @@ class SyntheticDataModule(SpectraDataModule):
 
     def _make(self):
         if self._survey is None:
-            from stellarlab.synthetic import make_survey  # heavy physics tables: import on first use
+            from stellarlab.synthetic import (
+                make_survey,  # heavy physics tables: import on first use
+            )
 
             try:
                 self._survey = make_survey(**self.survey_params)

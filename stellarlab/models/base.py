@@ -34,8 +34,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from stellarlab.errors import ConfigError, TrainingError
-from stellarlab.metrics import label_metrics
-from stellarlab.uncertainty import calibration
+from stellarlab.metrics import calibration, label_metrics
 
 LOSSES = ("mse", "gaussian_nll")
 # Smallest predicted sigma, in standardised units (~0.6 K in Teff, ~1e-3 dex in log g on the default
@@ -48,8 +47,6 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # holds the same global number. Logging them with a max-reduction across ranks returns that number
 # exactly and tells Lightning they are synchronised (no "use sync_dist=True" warning under DDP).
 GLOBAL = {"sync_dist": True, "reduce_fx": "max"}
-#: Where rank 0 of a multi-process test leaves its results for the launching process (ddp_spawn).
-TEST_RESULTS_FILE = "test_predictions.npz"
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -331,7 +328,10 @@ class SpectrumRegressor(pl.LightningModule):
                 for name in ("frac_within_1sigma", "frac_within_2sigma", "z_std", "z_mad_std", "mean_sigma"):
                     self.log(f"test/{name}_{label}", row[name], **GLOBAL)
         if self.trainer is not None and self.trainer.world_size > 1 and self.trainer.is_global_zero:
-            from stellarlab.evaluation import save_test_results  # ddp_spawn: the launcher gets no attributes back
+            from stellarlab.models.test_results import (  # ddp_spawn: the launcher gets no attributes back
+                TEST_RESULTS_FILE,
+                save_test_results,
+            )
 
             extra = {"best_val_loss": self.best_val_loss, "best_val_mse": self.best_val_mse}
             save_test_results(Path(self.trainer.default_root_dir) / TEST_RESULTS_FILE, self.test_results, extra)

@@ -1,17 +1,29 @@
-"""Built-in synthetic stellar-spectrum surveys (APOGEE DR17 H band, GALAH-like optical).
+"""Built-in synthetic stellar-spectrum surveys (APOGEE DR17 H band, GALAH-like optical) and their
+Cramér–Rao bounds.
 
-A fast, differentiable one-layer LTE generator (see the design note `synthetic-spectra.md`) so that every
-stellarlab command runs without downloads and models meet the same label degeneracies as in real spectra.
+A fast, differentiable one-layer LTE generator, so that every stellarlab command runs without downloads
+and models meet the same label degeneracies as in real spectra. Names are imported on first use: the
+survey grids (`stellarlab.grids`) and the label names load without torch.
 """
-from .generator import GENERATOR_VERSION, LABEL_NAMES, SpectrumGenerator
-from .grids import (APOGEE_CHIP_RANGES, GALAH_ARMS, SURVEYS, air_to_vacuum, apogee_chip_mask, apogee_wavelength,
-                    galah_wavelength)
-from .linelist import LineList, load_linelist
-from .prior import sample_labels
-from .survey import SyntheticSurvey, make_survey
 
-__all__ = [
-    "LABEL_NAMES", "SpectrumGenerator", "sample_labels", "make_survey", "SyntheticSurvey",
-    "apogee_wavelength", "apogee_chip_mask", "galah_wavelength", "APOGEE_CHIP_RANGES",
-    "GALAH_ARMS", "SURVEYS", "GENERATOR_VERSION", "air_to_vacuum", "LineList", "load_linelist",
-]
+import importlib
+
+LABEL_NAMES = ("teff", "logg", "fe_h", "alpha_fe")
+
+_EXPORTS = {
+    "GENERATOR_VERSION": "stellarlab.synthetic.generator",
+    "SpectrumGenerator": "stellarlab.synthetic.generator",
+    "LineList": "stellarlab.synthetic.linelist",
+    "load_linelist": "stellarlab.synthetic.linelist",
+    "sample_labels": "stellarlab.synthetic.prior",
+    "SyntheticSurvey": "stellarlab.synthetic.survey",
+    "make_survey": "stellarlab.synthetic.survey",
+}
+
+__all__ = ["LABEL_NAMES", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stellarlab.synthetic' has no attribute {name!r}")

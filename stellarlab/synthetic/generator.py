@@ -15,12 +15,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import physics as ph
-from .grids import C_KMS, SurveyGrid, survey_grid
-from .linelist import KIND_HYDROGEN, LineList, load_linelist
+from stellarlab.grids import C_KMS, SurveyGrid, survey_grid
+from stellarlab.synthetic import LABEL_NAMES
+from stellarlab.synthetic import physics as ph
+from stellarlab.synthetic.linelist import KIND_HYDROGEN, LineList, load_linelist
 
-
-LABEL_NAMES = ("teff", "logg", "fe_h", "alpha_fe")
 # Bump whenever the physics or numerics change: it is part of the survey cache key.
 GENERATOR_VERSION = "stellarlab-synth-1.0"
 

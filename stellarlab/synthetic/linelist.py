@@ -13,8 +13,14 @@ from importlib import resources
 
 import numpy as np
 
-from .grids import air_to_vacuum
-from .physics import CHI_H_ION, ELEMENTS, LOG_GAMMA6_DEFAULT, MOL_MASS, RYDBERG_H
+from stellarlab.grids import air_to_vacuum
+from stellarlab.synthetic.physics import (
+    CHI_H_ION,
+    ELEMENTS,
+    LOG_GAMMA6_DEFAULT,
+    MOL_MASS,
+    RYDBERG_H,
+)
 
 KIND_ATOM, KIND_HYDROGEN, KIND_MOLECULE = 0, 1, 2
 LINELIST_FILES = {

@@ -21,12 +21,15 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from stellarlab.data.cache import temporary_sibling
-
-from .generator import GENERATOR_VERSION, LABEL_NAMES, SpectrumGenerator
-from .grids import SURVEYS, survey_grid
-from .linelist import linelist_hashes
-from .prior import sample_labels
+from stellarlab.files import temporary_sibling
+from stellarlab.grids import SURVEYS, survey_grid
+from stellarlab.synthetic.generator import (
+    GENERATOR_VERSION,
+    LABEL_NAMES,
+    SpectrumGenerator,
+)
+from stellarlab.synthetic.linelist import linelist_hashes
+from stellarlab.synthetic.prior import sample_labels
 
 log = logging.getLogger("stellarlab.synthetic")
 

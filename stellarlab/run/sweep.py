@@ -24,9 +24,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stellarlab.errors import StellarlabError, root_cause
-from stellarlab.reports import write_json_atomic
+from stellarlab.files import write_json_atomic
 
-log = logging.getLogger("stellarlab.sweep")
+log = logging.getLogger("stellarlab.run.sweep")
 
 
 class TooManyFailures(StellarlabError, RuntimeError):
@@ -58,7 +58,7 @@ def failed_value(directions: list[str] | None) -> float | list[float]:
 
 def count_failed(sweep_dir: Path) -> int:
     """Jobs of this sweep whose metrics.json says failed."""
-    from stellarlab.compare import read_summary
+    from stellarlab.results.compare import read_summary
 
     return sum(1 for path in sweep_dir.rglob("metrics.json") if (read_summary(path) or {}).get("status") == "failed")
 
@@ -116,14 +116,14 @@ class SweepSummary(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from stellarlab.compare import collect_runs, print_runs
+        from stellarlab.results.compare import collect_runs, print_runs
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         runs = collect_runs(sweep_dir) if sweep_dir.is_dir() else []
         summary = sweep_summary(sweep_dir, runs)
         write_json_atomic(sweep_dir / "summary.json", summary)
         if runs:  # comparison.md/.csv/.png beside the summary: the sweep's result in one place
-            from stellarlab.compare import compare
+            from stellarlab.results.compare import compare
 
             compare(sweep_dir)
         print_runs(runs, title=f"sweep {sweep_dir}: {summary['n_ok']} ok, {summary['n_failed']} failed, {summary['n_incomplete']} incomplete")

@@ -21,10 +21,10 @@ import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from stellarlab.data.cache import pid_alive
 from stellarlab.errors import ConfigError
+from stellarlab.files import pid_alive
 
-log = logging.getLogger("stellarlab.resume")
+log = logging.getLogger("stellarlab.run.resume")
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 LOCK_FILE = ".running"
@@ -72,7 +72,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
 
     A killed process leaves the file behind; it is ignored once its pid is dead.
     """
-    from stellarlab.reports import write_json_atomic
+    from stellarlab.files import write_json_atomic
 
     path = Path(run_dir) / LOCK_FILE
     if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP workers share rank 0's folder and lock

@@ -12,9 +12,7 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,10 @@ from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from stellarlab.plots import example_spectra_figure, pred_vs_true_figure
-from stellarlab.reports import atomic_path
-from stellarlab.resume import pid_alive
+from stellarlab.files import atomic_path, write_bytes_atomic
+from stellarlab.results.plots import example_spectra_figure, pred_vs_true_figure
 
-log = logging.getLogger("stellarlab.callbacks")
+log = logging.getLogger("stellarlab.run.callbacks")
 
 
 class FigureLogger(pl.Callback):
@@ -252,35 +249,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries(path.parent)
-        tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    @staticmethod
-    def _remove_stale_temporaries(folder: Path) -> None:
-        host = socket.gethostname()
-        for tmp in folder.glob(".*.tmp-*"):
-            try:
-                tmp_host, pid, _ = tmp.name.rsplit(".tmp-", 1)[1].rsplit("-", 2)
-                pid = int(pid)
-            except ValueError:
-                continue
-            if tmp_host == host and pid != os.getpid() and not pid_alive(pid):
-                tmp.unlink(missing_ok=True)
-                log.info("removed %s, left by a killed checkpoint save", tmp)
+        write_bytes_atomic(Path(str(path).removeprefix("file://")), lambda fh: torch.save(checkpoint, fh))

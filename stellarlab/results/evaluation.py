@@ -10,13 +10,14 @@ precision, with the metrics it computed) and `test_model` reads them back.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from stellarlab.reports import atomic_path, print_metrics
+from stellarlab.files import atomic_path
+from stellarlab.models.test_results import TEST_RESULTS_FILE, load_test_results
+from stellarlab.results.reports import print_metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +52,8 @@ def write_test_predictions(path: Path, results: dict, label_names: list[str]) ->
     return path
 
 
-def save_test_results(path: Path, results: dict, extra: dict | None = None) -> Path:
-    """Test results (pred/true/sigma arrays, loss, metrics, calibration) plus `extra` floats, as one .npz, atomically."""
-    arrays = {k: np.asarray(results[k]) for k in ("pred", "true", "sigma") if results.get(k) is not None}
-    scalars = {"loss": results["loss"], "metrics": results["metrics"], "calibration": results.get("calibration"), **(extra or {})}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays, scalars=np.array(json.dumps(scalars, allow_nan=True)))
-    return Path(path)
-
-
-def load_test_results(path: Path) -> tuple[dict, dict]:
-    """(results as `model.test_results` holds them, the extra floats) from `save_test_results`' file."""
-    with np.load(path, allow_pickle=False) as data:
-        scalars = json.loads(str(data["scalars"]))
-        results = {k: data[k] for k in ("pred", "true", "sigma") if k in data.files}
-    results.update(loss=scalars.pop("loss"), metrics=scalars.pop("metrics"))
-    calibration = scalars.pop("calibration")
-    if calibration is not None:
-        results["calibration"] = calibration
-    return results, scalars
-
-
 def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | None = None) -> dict:
     """trainer.test on the test split; adds test loss, metrics, intervals to `summary` and writes the predictions."""
-    from stellarlab.models.base import TEST_RESULTS_FILE
-
     handoff = Path(trainer.default_root_dir) / TEST_RESULTS_FILE
     if trainer.is_global_zero:
         handoff.unlink(missing_ok=True)  # never read an earlier test's results
@@ -98,7 +75,7 @@ def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | 
     if getattr(model, "best_val_mse", None) is not None:
         summary["best_val_mse"] = model.best_val_mse
     if trainer.is_global_zero and not trainer.fast_dev_run:  # debug=fdr tests one batch: no bound over the split
-        from stellarlab.crlb import crlb_vs_rmse
+        from stellarlab.synthetic.crlb import crlb_vs_rmse
 
         crlb = crlb_vs_rmse(datamodule, summary["test"])  # None unless the data is the synthetic survey
         if crlb is not None:

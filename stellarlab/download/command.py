@@ -24,8 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from stellarlab.errors import ConfigError, StellarlabError
-from stellarlab.fetch import (
+from stellarlab.download.fetch import (
     DOWNLOADED,
     FAILED,
     PLANNED,
@@ -36,8 +35,9 @@ from stellarlab.fetch import (
     format_summary,
     parse_sha1sums,
 )
+from stellarlab.errors import ConfigError, StellarlabError
 
-log = logging.getLogger("stellarlab.download")
+log = logging.getLogger("stellarlab.download.command")
 
 
 @dataclass
@@ -255,7 +255,11 @@ def download_galah4(cfg: DictConfig, fetcher: Fetcher) -> Report:
 def _hub_fetch(job: FileJob, name: str, hf: DictConfig, endpoint: str, opts: DictConfig, staging: Path) -> FileResult:
     """One file through huggingface_hub, with the command's retries and backoff around it."""
     import huggingface_hub as hub
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     retries, reason = int(opts.retries), ""
     for attempt in range(1, retries + 2):
@@ -338,7 +342,7 @@ def run(cfg: DictConfig) -> int:
 
 def _conf_dir() -> Path | None:
     """The project's conf/: beside the package (a checkout, editable install), $STELLARLAB_ROOT/conf, or ./conf."""
-    candidates = [Path(__file__).resolve().parents[1] / "conf"]
+    candidates = [Path(__file__).resolve().parents[2] / "conf"]
     if os.environ.get("STELLARLAB_ROOT"):
         candidates.append(Path(os.environ["STELLARLAB_ROOT"]) / "conf")
     candidates.append(Path.cwd() / "conf")
@@ -363,7 +367,3 @@ def main() -> None:
             sys.exit(code)
 
     _main()
-
-
-if __name__ == "__main__":
-    main()

@@ -188,7 +188,9 @@ def check_node_keys(group: str, node: Any, supplied: set[str] = frozenset()) -> 
     """Every key of an instantiable config node must be an argument of its `_target_`."""
     if node is None or "_target_" not in node:
         return
-    from hydra._internal.utils import _locate  # what hydra.utils.instantiate uses, without its error log
+    from hydra._internal.utils import (
+        _locate,  # what hydra.utils.instantiate uses, without its error log
+    )
 
     target_name = str(node["_target_"])
     try:
@@ -461,7 +463,7 @@ def validate_train_config(cfg) -> None:
         check_choice("model.weights", model.weights, ("uniform", "distance"))
     trainer = cfg.get("trainer")
     if trainer is not None and "accelerator" in trainer:
-        from stellarlab.devices import check_trainer_config
+        from stellarlab.run.devices import check_trainer_config
 
         device = check_trainer_config(trainer.accelerator, trainer.get("precision", "32-true"))
         _check_devices(device, _plain(trainer.get("devices", 1)))

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 from torch.func import jvp
 
 from stellarlab.errors import DataError
+from stellarlab.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +139,7 @@ def _cached(path: Path | None, compute: Callable[[], np.ndarray]) -> np.ndarray:
     value = compute()
     if path is not None:
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, value)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, lambda fh: np.save(fh, value))
         except OSError as err:  # a read-only cache only costs the recomputation next time
             log.info("could not cache Fisher matrices in %s (%s)", path.parent, err)
     return value

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from stellarlab.errors import ConfigError, DataError
+from stellarlab.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +283,10 @@ def write_catalog(table, out_dir: str | os.PathLike, stem: str = "predictions") 
     paths = []
     for suffix, fmt in ((".fits", "fits"), (".csv", "ascii.csv")):
         final = out / f"{stem}{suffix}"
-        tmp = out / f".{stem}{suffix}.tmp-{os.getpid()}"
         try:
-            table.write(tmp, format=fmt, overwrite=True)
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                table.write(tmp, format=fmt, overwrite=True)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise ConfigError(f"cannot write {final} ({err}); check the folder is writable or set output_dir=...") from err
         paths.append(final)
     return paths[0], paths[1]

@@ -3,7 +3,7 @@
 Lightning's default writes `hp_metric = -1`. Here the hyperparameters are logged once at the start
 with the names of the metrics that matter; the same tags are then logged with real values during
 validation and test (training time and the bootstrap intervals right after testing), and TensorBoard
-shows their final values beside the config. `metric_tag` names them; `stellarlab.compare` uses the
+shows their final values beside the config. `metric_tag` names them; `stellarlab.results.compare` uses the
 same names for its columns, so the HPARAMS tab and the comparison table line up.
 """
 
@@ -50,7 +50,7 @@ TRAIN_SECONDS = "time/train_seconds"
 
 
 def metric_tag(metric: str, label: str, bound: str | None = None, stage: str = "test") -> str:
-    """The one name of a per-label metric, used alike in TensorBoard and in `stellarlab.compare`'s columns.
+    """The one name of a per-label metric, used alike in TensorBoard and in `stellarlab.results.compare`'s columns.
 
     `test/rmse_teff`; its bootstrap interval is `test/rmse_lo_teff` and `test/rmse_hi_teff`.
     """
@@ -109,7 +109,9 @@ def log_final_metrics(loggers, summary: dict, step: int) -> None:
 
 
 def log_hyperparameters(loggers, cfg: DictConfig, n_parameters: int, label_names) -> None:
-    from pytorch_lightning.loggers import TensorBoardLogger  # here: `compare` imports this module without Lightning
+    from pytorch_lightning.loggers import (
+        TensorBoardLogger,  # here: `compare` imports this module without Lightning
+    )
 
     params = hparams_from_config(cfg, n_parameters)
     bootstrap = cfg.get("bootstrap")

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-log = logging.getLogger("stellarlab.download")
+log = logging.getLogger("stellarlab.download.command")
 
 PART_SUFFIX = ".part"
 DOWNLOADED, PRESENT, FAILED, PLANNED = "downloaded", "present", "failed", "planned"

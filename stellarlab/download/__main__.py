@@ -1,0 +1,5 @@
+"""`python -m stellarlab.download ...`: see `stellarlab.download.command`."""
+
+from stellarlab.download.command import main
+
+main()
