@@ -46,9 +46,9 @@ def run_config(cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict:
     import torch
 
-    from stellarlab.files import write_json_atomic
     from stellarlab.results.evaluation import test_model
     from stellarlab.results.prediction import load_model
+    from stellarlab.results.summary import eval_summary, run_fields, write_summary
     from stellarlab.run.allocator import keep_freed_blocks
     from stellarlab.run.devices import check_trainer_config
 
@@ -70,17 +70,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if not len(datamodule.split_index["test"]):
         raise ConfigError("the test split is empty; give data.split a test part")
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    summary = {
-        "status": "ok",
-        "checkpoint": str(cfg.ckpt_path),
-        "run_dir": str(cfg.paths.output_dir),
-        "label_names": list(datamodule.label_names),
-        "split_sizes": {k: int(len(v)) for k, v in datamodule.split_index.items()},
-        "n_parameters": model.n_parameters,
-    }
-    test_model(trainer, model, datamodule, summary, cfg)
-    write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", summary)
-    log.info("wrote %s", Path(cfg.paths.output_dir) / "metrics.json")
+    run = run_fields(cfg.paths.output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
+                     model.n_parameters)
+    summary = eval_summary(run, cfg.ckpt_path, test_model(trainer, model, datamodule, cfg))
+    log.info("wrote %s", write_summary(cfg.paths.output_dir, summary))
     return summary
 
 

@@ -48,10 +48,10 @@ def train(cfg: DictConfig) -> dict:
     import torch
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from stellarlab.files import write_json_atomic
     from stellarlab.models.base import EPOCHS_METRIC
     from stellarlab.results.evaluation import test_model
     from stellarlab.results.hparams import log_final_metrics, log_hyperparameters
+    from stellarlab.results.summary import run_fields, train_summary, write_summary
     from stellarlab.run.allocator import keep_freed_blocks
     from stellarlab.run.callbacks import ExactResume, GracefulStop
     from stellarlab.run.devices import check_trainer_config
@@ -98,32 +98,32 @@ def train(cfg: DictConfig) -> dict:
             f"optimized_metric={cfg.optimized_metric} was never logged; logged metrics: {sorted(fit_metrics)}"
         )
 
-    summary = {
-        "status": "ok",
-        "run_dir": str(output_dir),
-        "optimized_metric": cfg.optimized_metric,
-        "best_value": fit_metrics[cfg.optimized_metric],
-        "best_val_loss": model.best_val_loss,
-        "epochs": epochs,
-        "train_seconds": train_seconds,
-        "n_parameters": model.n_parameters,
-        "label_names": list(datamodule.label_names),
-        "split_sizes": {k: int(len(v)) for k, v in datamodule.split_index.items()},
-    }
-    if resumed_from is not None:
-        summary["resumed_from"] = resumed_from  # train_seconds counts this process only
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    summary["best_checkpoint"] = checkpoint
+    best_val_loss = model.best_val_loss  # before the test loads the best checkpoint into the model
+    tested = None
     if cfg.get("test") and len(datamodule.split_index["test"]):
         try:
-            test_model(trainer, model, datamodule, summary, cfg, ckpt_path=checkpoint)
+            tested = test_model(trainer, model, datamodule, cfg, ckpt_path=checkpoint)
         except SIGTERMException:
             stop.exit(output_dir)
+    run = run_fields(output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
+                     model.n_parameters)
+    summary = train_summary(
+        run,
+        optimized_metric=cfg.optimized_metric,
+        best_value=fit_metrics[cfg.optimized_metric],
+        best_val_loss=best_val_loss,
+        epochs=epochs,
+        train_seconds=train_seconds,
+        best_checkpoint=checkpoint,
+        resumed_from=resumed_from,
+        tested=tested,
+    )
 
     log_final_metrics(trainer.loggers, summary, trainer.global_step)
     if trainer.is_global_zero:
-        write_json_atomic(output_dir / "metrics.json", summary)
-        log.info("wrote %s; compare runs with: tensorboard --logdir %s", output_dir / "metrics.json", cfg.paths.log_dir)
+        path = write_summary(output_dir, summary)
+        log.info("wrote %s; compare runs with: tensorboard --logdir %s", path, cfg.paths.log_dir)
     return summary
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import re
 import sys
@@ -27,6 +26,7 @@ from stellarlab.files import atomic_path, write_text_atomic
 from stellarlab.metrics import METRIC_NAMES
 from stellarlab.results.hparams import TRAIN_SECONDS, metric_tag, summary_metrics
 from stellarlab.results.reports import format_value
+from stellarlab.results.summary import METRICS_FILE, read_summary
 
 OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png")
 MARKDOWN_METRICS = (("rmse", "RMSE"), ("bias", "bias"), ("mad_std", "mad_std"))
@@ -34,15 +34,6 @@ MARKDOWN_METRICS = (("rmse", "RMSE"), ("bias", "bias"), ("mad_std", "mad_std"))
 
 class NoRunsError(ValueError):
     """The folder holds no run: nothing to compare."""
-
-
-def read_summary(path: Path) -> dict | None:
-    """A run's metrics.json, or None if it cannot be read as JSON."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def read_overrides(run_dir: Path) -> list[str]:
@@ -60,7 +51,7 @@ def _natural_key(name: str):
 
 def find_run_dirs(folder: Path) -> list[Path]:
     """Folders below `folder` (or itself) with a metrics.json or Hydra's `.hydra/overrides.yaml`."""
-    dirs = {p.parent for p in folder.rglob("metrics.json")}
+    dirs = {p.parent for p in folder.rglob(METRICS_FILE)}
     dirs |= {p.parent.parent for p in folder.rglob("overrides.yaml") if p.parent.name == ".hydra"}
     return sorted(dirs)
 
@@ -71,13 +62,13 @@ def collect_runs(folder: str | Path) -> list[dict]:
     runs = []
     for run_dir in find_run_dirs(folder):
         rel = run_dir.relative_to(folder).as_posix()
-        summary = read_summary(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else None
+        summary = read_summary(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).exists() else None
         error = None
         if summary is None:
             status = "incomplete"
             error = (
                 "metrics.json unreadable"
-                if (run_dir / "metrics.json").exists()
+                if (run_dir / METRICS_FILE).exists()
                 else "no metrics.json: the job was killed, crashed hard or is still running"
             )
             summary = {}

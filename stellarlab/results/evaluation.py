@@ -1,7 +1,8 @@
 """Testing a trained model, shared by train.py (end of training) and eval.py (a checkpoint later).
 
 One function so both give the same numbers: test metrics per label in physical units, their
-bootstrap intervals, the printed table, and the per-spectrum test predictions as a CSV.
+bootstrap intervals, the printed table, and the per-spectrum test predictions as a CSV. It returns
+`TestResults`; train.py and eval.py put them into their metrics.json record (`stellarlab.results.summary`).
 
 Under DDP with `strategy=ddp_spawn` the test runs in spawned processes and the model object here never
 sees its `test_results`: rank 0 leaves them in `<run>/test_predictions.npz` (`save_test_results`, full
@@ -18,24 +19,26 @@ import numpy as np
 from stellarlab.files import atomic_path
 from stellarlab.models.test_results import TEST_RESULTS_FILE, load_test_results
 from stellarlab.results.reports import print_metrics
+from stellarlab.results.summary import TestResults
 
 log = logging.getLogger(__name__)
 
 
-def add_bootstrap_intervals(summary: dict, results: dict, bootstrap) -> str | None:
-    """Put each test metric's bootstrap interval (`rmse_ci`: [lo, hi], ...) beside it in summary['test'].
+def bootstrap_test_metrics(metrics: dict, results: dict, label_names, bootstrap) -> tuple[dict | None, str | None]:
+    """Put each test metric's bootstrap interval (`rmse_ci`: [lo, hi], ...) beside it in `metrics`.
 
-    Returns the caption of the printed table; None (and no intervals) when bootstrap.n_resamples is 0 or unset.
+    Returns (the bootstrap settings, the caption of the printed table); (None, None) and no intervals when
+    bootstrap.n_resamples is 0 or unset.
     """
     from stellarlab.metrics import bootstrap_intervals
 
     if not bootstrap or not bootstrap.get("n_resamples"):
-        return None
-    summary["bootstrap"] = {key: bootstrap[key] for key in ("n_resamples", "seed", "level")}
-    intervals = bootstrap_intervals(results["pred"], results["true"], summary["label_names"], **summary["bootstrap"])
-    for label, cis in intervals.items():
-        summary["test"][label].update(cis)
-    return f"value [lo, hi]: {100 * float(bootstrap['level']):g}% bootstrap interval, {bootstrap['n_resamples']} resamples of the test set"
+        return None, None
+    settings = {key: bootstrap[key] for key in ("n_resamples", "seed", "level")}
+    for label, cis in bootstrap_intervals(results["pred"], results["true"], label_names, **settings).items():
+        metrics[label].update(cis)
+    caption = f"value [lo, hi]: {100 * float(bootstrap['level']):g}% bootstrap interval, {bootstrap['n_resamples']} resamples of the test set"
+    return settings, caption
 
 
 def write_test_predictions(path: Path, results: dict, label_names: list[str]) -> Path:
@@ -52,39 +55,40 @@ def write_test_predictions(path: Path, results: dict, label_names: list[str]) ->
     return path
 
 
-def test_model(trainer, model, datamodule, summary: dict, cfg, ckpt_path: str | None = None) -> dict:
-    """trainer.test on the test split; adds test loss, metrics, intervals to `summary` and writes the predictions."""
+def test_model(trainer, model, datamodule, cfg, ckpt_path: str | None = None) -> TestResults:
+    """trainer.test on the test split: test loss, metrics with intervals, the bound where known; writes the predictions."""
     handoff = Path(trainer.default_root_dir) / TEST_RESULTS_FILE
     if trainer.is_global_zero:
         handoff.unlink(missing_ok=True)  # never read an earlier test's results
     model.test_results = None
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     results = model.test_results
+    spawned_val_loss = None
     if results is None:  # ddp_spawn: the test ran in spawned processes; rank 0 left its results on disk
         if not handoff.is_file():
             raise RuntimeError(f"trainer.test produced no results in this process and no {handoff}")
         results, extra = load_test_results(handoff)
         model.test_results = results
         model.best_val_loss, model.best_val_mse = extra["best_val_loss"], extra["best_val_mse"]
-        if "best_val_loss" in summary:  # fit ran in spawned processes too: this object never trained
-            summary["best_val_loss"] = model.best_val_loss
-    summary["test_loss"] = results["loss"]
-    summary["test"] = results["metrics"]
-    if results.get("calibration"):
-        summary["calibration"] = results["calibration"]
-    if getattr(model, "best_val_mse", None) is not None:
-        summary["best_val_mse"] = model.best_val_mse
+        spawned_val_loss = model.best_val_loss  # fit ran in spawned processes too: this object never trained
+    label_names = list(datamodule.label_names)
+    tested = TestResults(
+        test_loss=results["loss"],
+        test=results["metrics"],
+        calibration=results.get("calibration") or None,
+        best_val_loss=spawned_val_loss,
+        best_val_mse=getattr(model, "best_val_mse", None),
+    )
     if trainer.is_global_zero and not trainer.fast_dev_run:  # debug=fdr tests one batch: no bound over the split
         from stellarlab.synthetic.crlb import crlb_vs_rmse
 
-        crlb = crlb_vs_rmse(datamodule, summary["test"])  # None unless the data is the synthetic survey
-        if crlb is not None:
-            summary["crlb"] = crlb
-            log.info("test RMSE / Cramer-Rao bound: %s", ", ".join(f"{k} {v['ratio']:.2f}" for k, v in crlb.items()))
-    caption = add_bootstrap_intervals(summary, results, cfg.get("bootstrap"))
+        tested.crlb = crlb_vs_rmse(datamodule, tested.test)  # None unless the data is the synthetic survey
+        if tested.crlb is not None:
+            log.info("test RMSE / Cramer-Rao bound: %s", ", ".join(f"{k} {v['ratio']:.2f}" for k, v in tested.crlb.items()))
+    tested.bootstrap, caption = bootstrap_test_metrics(tested.test, results, label_names, cfg.get("bootstrap"))
     if trainer.is_global_zero:
         n_test = len(datamodule.split_index["test"])
-        print_metrics(summary["test"], title=f"test metrics ({n_test} spectra)", caption=caption)
-        out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, summary["label_names"])
-        summary["test_predictions"] = str(out)
-    return summary
+        print_metrics(tested.test, title=f"test metrics ({n_test} spectra)", caption=caption)
+        out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, label_names)
+        tested.test_predictions = str(out)
+    return tested

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from stellarlab.errors import ConfigError
 from stellarlab.files import pid_alive
+from stellarlab.results.summary import read_summary
 
 log = logging.getLogger("stellarlab.run.resume")
 
@@ -48,10 +49,7 @@ RESUME_MAY_CHANGE = (
 
 def run_status(run_dir: Path) -> str | None:
     """`status` of the run's metrics.json (ok, failed), or None while it has none (running, killed, stopped)."""
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    return (read_summary(run_dir) or {}).get("status")
 
 
 def running_process(run_dir: Path) -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stellarlab.errors import StellarlabError, root_cause
 from stellarlab.files import write_json_atomic
+from stellarlab.results.summary import FAILED, METRICS_FILE, failed_summary, read_summary, write_summary
 
 log = logging.getLogger("stellarlab.run.sweep")
 
@@ -58,9 +58,7 @@ def failed_value(directions: list[str] | None) -> float | list[float]:
 
 def count_failed(sweep_dir: Path) -> int:
     """Jobs of this sweep whose metrics.json says failed."""
-    from stellarlab.results.compare import read_summary
-
-    return sum(1 for path in sweep_dir.rglob("metrics.json") if (read_summary(path) or {}).get("status") == "failed")
+    return sum(1 for path in sweep_dir.rglob(METRICS_FILE) if (read_summary(path) or {}).get("status") == FAILED)
 
 
 def record_failure(cfg: DictConfig, err: BaseException) -> float | list[float]:
@@ -71,15 +69,7 @@ def record_failure(cfg: DictConfig, err: BaseException) -> float | list[float]:
     cause = root_cause(err)
     output_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get()
-    summary = {
-        "status": "failed",
-        "error": {"type": type(cause).__name__, "message": str(cause)},
-        "run_dir": str(output_dir),
-        "optimized_metric": cfg.get("optimized_metric"),
-        "best_value": None,
-        "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__)),
-    }
-    write_json_atomic(output_dir / "metrics.json", summary)
+    write_summary(output_dir, failed_summary(output_dir, cfg.get("optimized_metric"), err, cause))
     if isinstance(cause, StellarlabError):
         log.error("job %s failed: %s: %s", hydra_cfg.job.get("num"), type(cause).__name__, cause)
     else:  # not a known failure mode: keep the traceback in the job's log
@@ -95,7 +85,7 @@ def record_failure(cfg: DictConfig, err: BaseException) -> float | list[float]:
                 f"{n_failed} of at most {int(n_trials)} trials failed, more than max_failure_rate={rate} allows; "
                 f"the study stops. Last failure: {type(cause).__name__}: {cause}"
             ) from err
-    log.info("recorded as failed in %s; the other jobs of the sweep go on", output_dir / "metrics.json")
+    log.info("recorded as failed in %s; the other jobs of the sweep go on", output_dir / METRICS_FILE)
     return failed_value(directions)
 
 
