@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stellarlab.config import register_resolvers
-from stellarlab.errors import ConfigError, DataError, exit_on_user_error
+from stellarlab.errors import ConfigError, DataError, command_errors
 
 log = logging.getLogger("stellarlab.eval")
 register_resolvers()
@@ -79,11 +79,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> dict:
-    try:
+    with command_errors(log):
         return evaluate(cfg)
-    except Exception as err:
-        exit_on_user_error(err, log)
-        raise
 
 
 if __name__ == "__main__":

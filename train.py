@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from stellarlab.config import instantiate_group, register_resolvers
-from stellarlab.errors import ConfigError, exit_on_user_error
+from stellarlab.errors import ConfigError, command_errors
 from stellarlab.run.resume import (
     resume_argv,
     resume_point,
@@ -36,6 +36,7 @@ from stellarlab.run.resume import (
 from stellarlab.run.sweep import in_multirun, record_failure
 
 log = logging.getLogger("stellarlab.train")
+RESUME_HINT = "continue the run with resume=last (or resume=<run folder>)"
 register_resolvers()
 
 
@@ -131,21 +132,18 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     """One run: a stellarlab error is one line on stderr and exit 2. In a multirun a failing job is
     recorded (metrics.json `status: failed`) and returns a value instead, so the other jobs go on."""
-    try:
-        with run_lock(cfg.paths.output_dir):  # `resume=` refuses a folder a live process is training
-            summary = train(cfg)
-    except Exception as err:
-        if in_multirun():
-            return record_failure(cfg, err)
-        exit_on_user_error(err, log)
-        raise
+    with command_errors(log, interrupted=RESUME_HINT):
+        try:
+            with run_lock(cfg.paths.output_dir):  # `resume=` refuses a folder a live process is training
+                summary = train(cfg)
+        except Exception as err:
+            if in_multirun():
+                return record_failure(cfg, err)
+            raise
     return float(summary["best_value"])
 
 
 if __name__ == "__main__":
-    try:  # resume=last|<folder>: the old run's overrides and its folder, before Hydra picks a new one
+    with command_errors(log):  # resume=last|<folder>: the old run's overrides and folder, before Hydra picks one
         sys.argv[1:] = resume_argv(sys.argv[1:], Path(__file__).resolve().parent / "conf")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     main()

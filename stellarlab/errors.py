@@ -1,13 +1,16 @@
 """Errors stellarlab raises on purpose: a user mistake or bad input, with the fix in the message.
 
-The scripts (`train.py`, `eval.py`, `predict.py`) print these as one line and exit with code 2
-instead of showing a traceback (`exit_on_user_error`).
+Every command (train, eval, predict, download, compare) runs inside `command_errors`: these errors are
+printed as one `error:` line and exit with code 2 instead of showing a traceback; Ctrl-C is one line
+and exit 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 
 class StellarlabError(Exception):
@@ -34,11 +37,26 @@ def root_cause(err: BaseException) -> BaseException:
     return cause if isinstance(cause, StellarlabError) else err
 
 
-def exit_on_user_error(err: BaseException, log: logging.Logger) -> None:
-    """A script's last word on `err`: a stellarlab error, however deeply wrapped, becomes one line on stderr
-    and exit code 2; for anything else this returns, and the caller re-raises it with its traceback."""
-    cause = root_cause(err)
-    if isinstance(cause, StellarlabError):
-        log.error("%s", cause)
+@contextlib.contextmanager
+def command_errors(log: logging.Logger, interrupted: str = "run the same command again") -> Iterator[None]:
+    """The one error exit of every command.
+
+    A stellarlab error, however deeply wrapped (Hydra's InstantiationException), becomes one line on stderr
+    and exit code 2; Ctrl-C becomes `interrupted: <interrupted>` and exit code 130; any other exception keeps
+    its traceback (a bug, not a user mistake).
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if log.hasHandlers():  # the run's log file too; without handlers logging would print the line twice
+            log.error("interrupted")
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        cause = root_cause(err)
+        if not isinstance(cause, StellarlabError):
+            raise
+        if log.hasHandlers():
+            log.error("%s", cause)
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)

@@ -120,5 +120,7 @@ def test_no_runs_is_a_clear_error_with_exit_code_2(tmp_path):
     assert proc.stderr.startswith(f"error: no runs under {tmp_path / 'empty'}")
     assert "metrics.json and .hydra/overrides.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert main([str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "missing")])
+    assert stopped.value.code == 2
     assert not list(tmp_path.rglob("comparison.*"))

@@ -600,7 +600,9 @@ def _(env):
     from stellarlab.results.compare import main
 
     env.capsys.readouterr()
-    assert main([str(env.tmp / "no-such-sweep")]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        main([str(env.tmp / "no-such-sweep")])
+    assert stopped.value.code == 2
     return error_line(env.capsys.readouterr().err)
 
 

@@ -15,24 +15,26 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import math
 import re
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from stellarlab.errors import DataError, command_errors
 from stellarlab.files import atomic_path, write_text_atomic
 from stellarlab.metrics import METRIC_NAMES
 from stellarlab.results.hparams import TRAIN_SECONDS, metric_tag, summary_metrics
 from stellarlab.results.reports import format_value
 from stellarlab.results.summary import METRICS_FILE, read_summary
 
+log = logging.getLogger("stellarlab.compare")
 OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png")
 MARKDOWN_METRICS = (("rmse", "RMSE"), ("bias", "bias"), ("mad_std", "mad_std"))
 
 
-class NoRunsError(ValueError):
+class NoRunsError(DataError):
     """The folder holds no run: nothing to compare."""
 
 
@@ -301,12 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("folder", type=Path, help="e.g. outputs/train/multiruns/<date>_<time>_<id>")
     args = parser.parse_args(argv)
-    try:
+    with command_errors(log):
         written = compare(args.folder)
-    except NoRunsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    runs = collect_runs(args.folder)
+        runs = collect_runs(args.folder)
     print_runs(runs, title=f"{args.folder}: {len(runs)} runs")
     for path in written.values():
         print(f"wrote {path}")
