@@ -33,7 +33,13 @@ def run_config(cfg: DictConfig) -> DictConfig:
     if not saved.is_file():
         log.warning("no %s beside the checkpoint: using this command's config as is", saved)
         return cfg
-    train_overrides = [str(o) for o in OmegaConf.load(saved)]
+    choices = HydraConfig.get().runtime.choices
+    train_overrides, training_only = [], []
+    for override in (str(o) for o in OmegaConf.load(saved)):
+        top = override.lstrip("~+").split("=", 1)[0].split("@", 1)[0].split(".", 1)[0]
+        (train_overrides if top in cfg or top in choices else training_only).append(override)
+    if training_only:
+        log.info("left out the training-only overrides %s", training_only)
     here = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
     composed = compose(config_name="eval", overrides=[*train_overrides, *here, f"ckpt_path={cfg.ckpt_path}"])
     with open_dict(composed):  # the training run's data paths; this eval run's own folder

@@ -106,12 +106,12 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path):
         assert p.returncode == 0, err[-2000:]
         assert "💡 Tip" not in out + err  # Lightning's adverts are filtered from the console
         assert "raised" not in err, err[-2000:]  # every Hydra callback ran cleanly
-    runs = sorted((tmp_path / "train" / "runs").iterdir())
+    runs = sorted((tmp_path / "debug" / "runs").iterdir())  # debug runs have their own task folder
     assert len(runs) == 2
     for run_dir in runs:
         assert (run_dir / "metrics.json").exists()
         assert (run_dir / ".hydra" / "config.yaml").exists()
-        log_text = (run_dir / "train.log").read_text(encoding="utf-8")
+        log_text = (run_dir / "debug.log").read_text(encoding="utf-8")
         assert "Seed set to 0" in log_text and "💡 Tip" not in log_text
 
 
