@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from stellarlab.config import register_resolvers
-from stellarlab.errors import exit_on_user_error
+from stellarlab.errors import command_errors
 
 log = logging.getLogger("stellarlab.predict")
 register_resolvers()
@@ -44,11 +44,8 @@ def run_predict(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> dict:
-    try:
+    with command_errors(log):
         return run_predict(cfg)
-    except Exception as err:
-        exit_on_user_error(err, log)
-        raise
 
 
 if __name__ == "__main__":
