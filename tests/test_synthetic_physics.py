@@ -1,4 +1,4 @@
-"""Physics of the synthetic generator: grids, label dependences, the design note's sanity figures, gradients."""
+"""Physics of the synthetic generator: grids, label dependences, the sanity figures of docs/synthetic-spectra.md sec. 5, gradients."""
 from __future__ import annotations
 
 import numpy as np
@@ -84,7 +84,7 @@ def test_galah_grid_facts():
 def test_air_to_vacuum_matches_line_list():
     shift = air_to_vacuum(np.array([15100.0, 17000.0])) - np.array([15100.0, 17000.0])
     assert 4.0 < shift[0] < 4.7 and 4.0 < shift[1] < 4.7
-    # Fe I 15207.526 air is listed at 15211.682 vacuum (design note table 1a)
+    # Fe I 15207.526 air is listed at 15211.682 vacuum (docs/synthetic-spectra.md table 1a)
     assert air_to_vacuum(np.array([15207.526]))[0] == pytest.approx(15211.682, abs=0.002)
 
 
@@ -161,7 +161,7 @@ def test_ionised_lines_stronger_at_low_gravity(lines):
 
 def test_co_band_head_depth(apogee):
     w = apogee.wavelength
-    lo, hi = air_to_vacuum(np.array([15978.0, 16000.0]))  # CO 5-2 head window (air, design note sec. 5)
+    lo, hi = air_to_vacuum(np.array([15978.0, 16000.0]))  # CO 5-2 head window (air, docs/synthetic-spectra.md sec. 5)
     m = (w > lo) & (w < hi)
     f = spectra(apogee, SUN, GIANT, [4000.0, 1.5, 0.0, 0.0], [3600.0, 0.8, 0.0, 0.0])
     depth = 1.0 - f[:, m].mean(axis=1)

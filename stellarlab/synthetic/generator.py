@@ -1,4 +1,4 @@
-"""Differentiable, batched synthetic-spectrum generator (design note sec. 2-3).
+"""Differentiable, batched synthetic-spectrum generator (docs/synthetic-spectra.md, sec. 2-3).
 
 Pipeline for a batch of B stars:
   labels -> layer state -> per-line (B, L) centre opacity ratio eta0 and widths
@@ -23,7 +23,7 @@ from stellarlab.synthetic.linelist import KIND_HYDROGEN, LineList, load_linelist
 # Bump whenever the physics or numerics change: it is part of the survey cache key.
 GENERATOR_VERSION = "stellarlab-synth-1.0"
 
-# Window half-widths (design note sec. 3): metals and molecules +-55 km/s; hydrogen in Angstrom.
+# Window half-widths (docs/synthetic-spectra.md sec. 3): metals and molecules +-55 km/s; hydrogen in Angstrom.
 LINE_WINDOW_KMS = 55.0
 # +-200 A keeps the Brackett wings of hot metal-poor dwarfs (2 % deep at 60 A) from being truncated.
 HYDROGEN_WINDOW_A = {"apogee": 200.0, "galah": 60.0}
@@ -202,7 +202,7 @@ class SpectrumGenerator(torch.nn.Module):
         """Per-line window indices into the concatenated oversampled array, with a validity mask.
 
         Samples that fall outside the padded segment are masked (never clamped: clamping would pile fake
-        absorption into the edge pixels, design note sec. 3).
+        absorption into the edge pixels, docs/synthetic-spectra.md sec. 3).
         """
         L = len(sub)
         lo, hi = reach if reach is not None else ((int(k.min()), int(k.max())) if k.size else (0, 0))

@@ -1,8 +1,8 @@
 """Line lists shipped with the package (atomic, hydrogen and molecular lines for each survey).
 
 Wavelengths are returned in the frame of the survey grid: vacuum for APOGEE (molecular air wavelengths
-converted with the VALD formula), air for GALAH. Files are read relative to this module so an installed
-package works without the repository's shared data.
+converted with the VALD formula), air for GALAH. Files are read as package data, so an
+installed package finds them wherever it lives.
 """
 from __future__ import annotations
 

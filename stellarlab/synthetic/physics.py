@@ -1,4 +1,4 @@
-"""One-layer LTE physics of the synthetic generator (design note sec. 1d and 2), in differentiable torch.
+"""One-layer LTE physics of the synthetic generator (docs/synthetic-spectra.md, sec. 1d and 2), in differentiable torch.
 
 Everything here is a smooth function of the four labels so that autograd / jacfwd give the exact
 Jacobian used for Cramer-Rao bounds. Quantities are cgs unless stated; pressures in dyn cm^-2.
@@ -28,12 +28,12 @@ LN10 = math.log(10.0)
 LOG_SQRT_PI_RE = math.log10(math.sqrt(math.pi) * R_ELECTRON)
 
 # --------------------------------------------------------------------------------------------------
-# Calibration (design note sec. 2): one log-gf offset per band, fitted to VALD3 solar central depths.
+# Calibration (docs/synthetic-spectra.md sec. 2): one log-gf offset per band, fitted to VALD3 solar central depths.
 # --------------------------------------------------------------------------------------------------
 DELTA_H = -0.75  # H band (APOGEE)
 DELTA_OPT = -0.40  # optical (GALAH)
 
-# Layer scalings, fitted to MARCS Sun and 5000/3.0 at log tau_R = -1 (design note sec. 2).
+# Layer scalings, fitted to MARCS Sun and 5000/3.0 at log tau_R = -1 (docs/synthetic-spectra.md sec. 2).
 T_LAYER_FACTOR = 0.88
 T_SURFACE_FACTOR = 0.70  # Eddington-Barbier boundary temperature for D_max
 T_HYDROGEN_FACTOR = 0.97  # hydrogen lines form deeper
@@ -46,7 +46,7 @@ LOGG_SUN = 4.44
 # --------------------------------------------------------------------------------------------------
 # Element data.
 # Solar abundances: Asplund et al. 2009 (ARA&A 47, 481), photospheric.
-# First ionisation energies (eV): Barklem & Collet 2016 as quoted in the design note; Li, N, V, Co, Cu,
+# First ionisation energies (eV): Barklem & Collet 2016 as quoted in docs/synthetic-spectra.md; Li, N, V, Co, Cu,
 # Zn, Rb, Sr, Zr, La, Nd from NIST ASD.
 # Masses: IUPAC standard atomic weights (amu).
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ ALPHA_ELEMENTS = frozenset({"O", "Mg", "Si", "S", "Ca", "Ti"})
 
 # Partition functions U(T) at these temperatures (K).
 PF_TEMPERATURES = np.array([3500.0, 4500.0, 5500.0, 7000.0])
-# (U_I, U_II). Rows marked "note" are the Korg.jl/NIST values of the design note (sec. 1d). The rest
+# (U_I, U_II). Rows marked "note" are the Korg.jl/NIST values of docs/synthetic-spectra.md (sec. 1d). The rest
 # are approximate (~10-20 %): ground-term statistical weights plus low-lying levels, rounded; they only
 # matter for the minor GALAH species and for the second stage of elements that are mostly neutral.
 PARTITION = {
@@ -124,7 +124,7 @@ PARTITION = {
     "Eu": ((8.0, 8.05, 8.3, 9.5), (9.0, 9.1, 9.6, 11.0)),
 }
 
-# Diatomic molecules (design note sec. 1d): Barklem & Collet 2016 via Korg.jl.
+# Diatomic molecules (docs/synthetic-spectra.md sec. 1d): Barklem & Collet 2016 via Korg.jl.
 # log10 K_D = log10(P_A P_B / P_AB) in Pa at these temperatures; +1 dex converts to dyn cm^-2.
 KD_TEMPERATURES = np.array([3000.0, 3500.0, 4000.0, 4500.0, 5000.0, 6000.0])
 LOG_KD_PA = {
@@ -178,7 +178,7 @@ def metallicity(fe_h: torch.Tensor, alpha_fe: torch.Tensor) -> torch.Tensor:
 def layer(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Thermodynamic state of the line-forming layer for labels (B, 4) = (Teff, logg, [Fe/H], [a/Fe]).
 
-    Scaling laws of the design note, fitted to MARCS at log tau_R = -1; P_e ~ g^(1/3) (Gray 2005).
+    Scaling laws of docs/synthetic-spectra.md sec. 2, fitted to MARCS at log tau_R = -1; P_e ~ g^(1/3) (Gray 2005).
     """
     teff, logg, feh, afe = labels.unbind(-1)
     mh = metallicity(feh, afe)
@@ -256,7 +256,7 @@ def log_ion_fraction(st: dict, log_u1: torch.Tensor, log_u2: torch.Tensor, chi_i
                      stage: torch.Tensor) -> torch.Tensor:
     """log10 of the fraction of an element in the given stage (1 or 2), Saha with the note's constant.
 
-    log(N_II/N_I) = log(2 U_II/U_I) + 2.5 log T - theta chi_ion - 0.1762 - log P_e (design note sec. 2;
+    log(N_II/N_I) = log(2 U_II/U_I) + 2.5 log T - theta chi_ion - 0.1762 - log P_e (docs/synthetic-spectra.md sec. 2;
     second ionisation ignored). The prototype's delta calibration was fitted with exactly this form.
     """
     t = st["t"][:, None]
@@ -268,7 +268,7 @@ def log_ion_fraction(st: dict, log_u1: torch.Tensor, log_u2: torch.Tensor, chi_i
 
 def molecular_log_fractions(st: dict, log_eps_c: torch.Tensor, log_eps_n: torch.Tensor,
                             log_eps_o: torch.Tensor) -> dict[str, torch.Tensor]:
-    """log10(P_mol / P_H) for CO, OH, CN from the C-N-O dissociation equilibrium (design note sec. 2).
+    """log10(P_mol / P_H) for CO, OH, CN from the C-N-O dissociation equilibrium (docs/synthetic-spectra.md sec. 2).
 
     P_X = eps_X P_H with P_H = 0.9 P_g; CO first (quadratic), then OH and CN from the free C and O.
     """
@@ -309,7 +309,7 @@ def pseudo_voigt(dx: torch.Tensor, fwhm_g: torch.Tensor, fwhm_l: torch.Tensor) -
 
 
 def hydrogen_profile(dx: torch.Tensor, doppler: torch.Tensor, w_stark: torch.Tensor) -> torch.Tensor:
-    """max(Doppler core, Holtsmark-like wing), both area-normalised (design note sec. 2, hydrogen).
+    """max(Doppler core, Holtsmark-like wing), both area-normalised (docs/synthetic-spectra.md sec. 2, hydrogen).
 
     The wing S = [2.642 w (1 + |x/w|^(5/2))]^-1 has the asymptotic x^(-5/2) of linear Stark broadening
     by the Holtsmark field; 2.642 = integral of 1/(1+|u|^2.5).
@@ -327,7 +327,7 @@ def stark_wing(dx: torch.Tensor, w_stark: torch.Tensor) -> torch.Tensor:
 def stark_width_coefficient(wavelength_a: np.ndarray, n_lower: np.ndarray, n_upper: np.ndarray) -> np.ndarray:
     """w_S / N_e^(2/3) in Angstrom cm^2: 2 (lambda^2/hc) 3.915 e^2 a0 (n_u^2 - n_l^2).
 
-    Linear Stark shift in the normal field F0 = 2.61 e N_e^(2/3); the leading 2 is a calibration (design note).
+    Linear Stark shift in the normal field F0 = 2.61 e N_e^(2/3); the leading 2 is a calibration (docs/synthetic-spectra.md sec. 2).
     """
     lam_cm = np.asarray(wavelength_a, dtype=np.float64) * 1e-8
     return 2.0 * lam_cm ** 2 / (H_PLANCK * C_CGS) * 3.915 * E_CHARGE2 * A0_BOHR * (n_upper ** 2 - n_lower ** 2) * 1e8

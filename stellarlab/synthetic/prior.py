@@ -16,7 +16,7 @@ import numpy as np
 
 # Population fractions (a magnitude-limited, APOGEE-like mix: giants are over-represented).
 FRACTIONS = {"dwarf": 0.40, "subgiant": 0.10, "rgb": 0.35, "clump": 0.15}
-TEFF_RANGE = (3500.0, 7000.0)  # where the one-layer physics is credible (design note sec. 6)
+TEFF_RANGE = (3500.0, 7000.0)  # where the one-layer physics is credible (docs/synthetic-spectra.md sec. 6)
 LOGG_RANGE = (0.3, 5.0)
 FEH_RANGE = (-2.5, 0.5)
 AFE_RANGE = (-0.15, 0.45)
