@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stellarlab-installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/python train.py $(ARGS)
 
+# The whole suite (what CI runs), with the 15 slowest tests listed at the end.
 test: setup
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --durations=15 $(PYTEST_ARGS)
+
+# The fast tier: no subprocess, no end-to-end training (under 3 minutes on 2 cores).
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks run $(BENCH_ARGS)
