@@ -20,8 +20,10 @@ APOGEE_NPIX = 8575
 APOGEE_RESOLUTION = 22500.0
 # DR13-DR17 chip limits (astroNN / jobovy apogee), end-exclusive pixel ranges: 7514 pixels in total.
 APOGEE_CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
+APOGEE_NCHIP_PIXELS = sum(hi - lo for lo, hi in APOGEE_CHIP_RANGES)
 
-# HERMES arms (GALAH): blue, green, red, IR, air Angstrom; 4096 px per arm is an assumption (design note, sec. 0).
+# HERMES arms (GALAH): blue, green, red, IR, air Angstrom; 4096 px per arm, the length of a HERMES CCD row
+# (galah4's rows are the four arms end to end, 4 x 4096 pixels).
 GALAH_ARMS = ((4713.0, 4903.0), (5648.0, 5873.0), (6478.0, 6737.0), (7585.0, 7887.0))
 GALAH_NPIX_PER_ARM = 4096
 GALAH_RESOLUTION = 28000.0
@@ -29,9 +31,10 @@ GALAH_RESOLUTION = 28000.0
 SURVEYS = ("apogee", "galah")
 
 
-def apogee_wavelength() -> np.ndarray:
-    """Vacuum wavelengths (Angstrom) of the 8575-pixel APOGEE apStar grid."""
-    return 10.0 ** (APOGEE_LOGLAM0 + APOGEE_DLOGLAM * np.arange(APOGEE_NPIX, dtype=np.float64))
+def apogee_wavelength(gap_deleted: bool = False) -> np.ndarray:
+    """Vacuum wavelengths (Angstrom) of the 8575-pixel APOGEE apStar grid, or of its 7514 chip pixels."""
+    wl = 10.0 ** (APOGEE_LOGLAM0 + APOGEE_DLOGLAM * np.arange(APOGEE_NPIX, dtype=np.float64))
+    return wl[apogee_chip_mask()] if gap_deleted else wl
 
 
 def apogee_chip_mask() -> np.ndarray:
@@ -48,7 +51,7 @@ def galah_wavelength() -> np.ndarray:
 
 
 def air_to_vacuum(wavelength_air: np.ndarray) -> np.ndarray:
-    """Air -> vacuum wavelength (Angstrom), VALD / Piskunov formula (design note sec. 0)."""
+    """Air -> vacuum wavelength (Angstrom), VALD / Piskunov formula."""
     lam = np.asarray(wavelength_air, dtype=np.float64)
     s2 = (1e4 / lam) ** 2
     n = 1.0 + 8.336624e-5 + 2.408927e-2 / (130.10659 - s2) + 1.599741e-4 / (38.925688 - s2)
