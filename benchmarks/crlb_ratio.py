@@ -69,7 +69,7 @@ def _resampled_predictions(dm, model, n_realisations: int, seed: int = 0) -> np.
     from stellarlab.synthetic import SpectrumGenerator
     from stellarlab.synthetic.crlb import pixel_index
 
-    survey = dm._make()
+    survey = dm.synthetic_survey()
     idx = dm.split_index["test"]
     gen = SpectrumGenerator(survey=survey.params["survey"], oversample=int(survey.params.get("oversample", 3)))
     clean = gen.generate(np.asarray(survey.labels[idx]))

@@ -155,7 +155,7 @@ def test_survey_bound_uses_each_test_spectrum_with_its_own_snr(datamodule, apoge
     b = survey_crlb(datamodule)
     assert b["labels"] == ["teff", "logg", "fe_h", "alpha_fe"]  # all generator labels free, though 3 are trained
     assert b["sigma"].shape == (6, 4) and np.isfinite(b["sigma"]).all()
-    survey = datamodule._make()
+    survey = datamodule.synthetic_survey()
     idx = datamodule.split_index["test"]
     np.testing.assert_array_equal(b["true"], survey.labels[idx])
     np.testing.assert_array_equal(b["snr"], survey.snr[idx])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 from stellarlab.data.base import SpectraArrays, SpectraDataModule
 from stellarlab.errors import ConfigError
@@ -22,6 +23,8 @@ def _integer(key: str, value, minimum: int) -> int:
 
 class SyntheticDataModule(SpectraDataModule):
     """Spectra from `stellarlab.synthetic.make_survey`, generated once and cached on disk by their parameters."""
+
+    survey_name: ClassVar[str] = "synthetic"  # its entry in stellarlab.data.surveys: nothing to download
 
     def __init__(
         self,
@@ -62,7 +65,9 @@ class SyntheticDataModule(SpectraDataModule):
         )
         self._survey = None
 
-    def _make(self):
+    def synthetic_survey(self):
+        """The `SyntheticSurvey` behind the data (generated, or read from its cache, once): the truth that
+        `stellarlab.synthetic.crlb` pairs each spectrum with. Other DataModules have no such method."""
         if self._survey is None:
             from stellarlab.synthetic import (
                 make_survey,  # heavy physics tables: import on first use
@@ -79,10 +84,10 @@ class SyntheticDataModule(SpectraDataModule):
         return {**super().preprocessing_config(), "survey": p["survey"], "gap_deleted": p["gap_deleted"]}
 
     def prepare_data(self) -> None:
-        self._make()
+        self.synthetic_survey()
 
     def load_arrays(self) -> SpectraArrays:
-        s = self._make()
+        s = self.synthetic_survey()
         return SpectraArrays(
             flux=s.flux,
             weight=s.ivar,

@@ -111,12 +111,9 @@ def generator_fisher(generator, labels: np.ndarray, ivar: np.ndarray, pixels: np
 
 # -- the synthetic survey behind a DataModule ------------------------------------------------------
 def _survey_of(datamodule):
-    """The SyntheticSurvey behind a SyntheticDataModule, or None for any other data."""
-    from stellarlab.data.synthetic import SyntheticDataModule
-
-    if not isinstance(datamodule, SyntheticDataModule):
-        return None
-    return datamodule._make()
+    """The SyntheticSurvey behind a DataModule (its public `synthetic_survey()`), or None for other data."""
+    hook = getattr(datamodule, "synthetic_survey", None)
+    return hook() if callable(hook) else None
 
 
 def pixel_index(generator_wavelength: np.ndarray, data_wavelength: np.ndarray) -> np.ndarray | None:
@@ -192,7 +189,7 @@ def crlb_vs_rmse(datamodule, test_metrics: dict, split: str = "test") -> dict | 
     """Per label {rmse, crlb, crlb_median, ratio, n} for a trained run; None when the data are not synthetic.
 
     `crlb` is the RMS over the split's spectra of the per-spectrum bound (same units as the RMSE) and
-    `ratio` = rmse / crlb (1 = as good as any unbiased method can be; the issue's target is < 2).
+    `ratio` = rmse / crlb (1 = as good as any unbiased method can be).
     `test_metrics` is the run's per-label metrics dict (`model.test_results["metrics"]`).
     """
     bounds = survey_crlb(datamodule, split)
