@@ -31,7 +31,7 @@ _PREPROCESS = textwrap.dedent(
     """
     import json, logging, resource, sys, time
     args = json.loads(sys.argv[1])
-    from stellarlab.data.apogee import APOGEEDataModule
+    from stellarlab.data.apogee.datamodule import APOGEEDataModule
     dm = APOGEEDataModule(catalog=args["catalog"], spectra_dir=args["spectra_dir"], cache_dir=args["cache_dir"],
                           workers=args["workers"], parallel=args["parallel"], progress=False, rebuild=True)
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def train_from_cache(catalog: Path, spectra: Path, cache_dir: Path, log_dir: Pat
 
 def baseline_rss() -> float:
     """Peak RSS of a process that only imports the training stack (torch, Lightning, the DataModule)."""
-    _, _, peak = run_measured([sys.executable, "-c", "import train, stellarlab.data.apogee, pytorch_lightning"])
+    _, _, peak = run_measured([sys.executable, "-c", "import train, stellarlab.data.apogee.datamodule, pytorch_lightning"])
     return peak
 
 

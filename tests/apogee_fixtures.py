@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from stellarlab.data.apogee_catalog import spectrum_filename
-from stellarlab.data.apogee_files import (
+from stellarlab.data.apogee.catalog import spectrum_filename
+from stellarlab.grids import (
+    APOGEE_CHIP_RANGES,
     APOGEE_DLOGLAM,
     APOGEE_LOGLAM0,
     APOGEE_NPIX,
-    CHIP_RANGES,
-    chip_mask,
+    apogee_chip_mask,
 )
 
 FIELDS = {"apo25m": ["K04_083+13", "060+00", "N6791", "M67"], "lco25m": ["Hdeep_lco", "300-05_lco"]}
@@ -122,7 +122,7 @@ def clean_spectra(labels: np.ndarray) -> np.ndarray:
 
 def aspcapstar_arrays(clean: np.ndarray, snr: float, rng: np.random.Generator, n_bad: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """(flux, err) as in an aspcapStar file: noise at `snr`, zeros off the chips, huge errors at a few bad pixels."""
-    on_chip = chip_mask()
+    on_chip = apogee_chip_mask()
     err = np.full(APOGEE_NPIX, 1.0 / snr, dtype=np.float32)
     flux = (clean + rng.standard_normal(APOGEE_NPIX) / snr).astype(np.float32)
     flux[~on_chip] = 0.0
@@ -137,7 +137,7 @@ def apstar_arrays(clean: np.ndarray, snr: float, rng: np.random.Generator, n_vis
     spectrum, noise, NaN beyond the chip edges, bitmasked bad pixels with huge errors, some persistence bits."""
     rows = 2 + (n_visits if n_visits > 1 else 0)
     cont = np.zeros(APOGEE_NPIX)
-    for k, (lo, hi) in enumerate(CHIP_RANGES):
+    for k, (lo, hi) in enumerate(APOGEE_CHIP_RANGES):
         t = np.linspace(-1, 1, hi - lo)
         cont[lo:hi] = scale * (1.0 - 0.1 * k) * (1.0 + 0.08 * t - 0.06 * t**2 + rng.normal(0, 0.02) * t**3)
     flux = np.zeros((rows, APOGEE_NPIX))
@@ -152,11 +152,11 @@ def apstar_arrays(clean: np.ndarray, snr: float, rng: np.random.Generator, n_vis
     for lo, hi in margins:
         flux[:, lo:hi] = np.nan
         err[:, lo:hi] = np.nan
-    for lo, hi in ((200, CHIP_RANGES[0][0]), (CHIP_RANGES[0][1], 3330), (3530, CHIP_RANGES[1][0]),
-                   (CHIP_RANGES[1][1], 6130), (6290, CHIP_RANGES[2][0]), (CHIP_RANGES[2][1], 8380)):
+    (b0, b1), (g0, g1), (r0, r1) = APOGEE_CHIP_RANGES
+    for lo, hi in ((200, b0), (b1, 3330), (3530, g0), (g1, 6130), (6290, r0), (r1, 8380)):
         err[:, lo:hi] = 1e10
         mask[:, lo:hi] |= 1 << 0  # BADPIX
-    on_chip = np.flatnonzero(chip_mask())
+    on_chip = np.flatnonzero(apogee_chip_mask())
     picked = rng.choice(on_chip, 70, replace=False)
     bad, sky = picked[:40], picked[40:]
     err[:, bad] = 1e10

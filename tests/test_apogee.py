@@ -18,9 +18,9 @@ from astropy.io import fits
 from astropy.table import Table
 from omegaconf import open_dict
 
-from stellarlab.data import apogee_files as af
-from stellarlab.data.apogee import APOGEEDataModule
-from stellarlab.data.apogee_catalog import (
+from stellarlab import grids
+from stellarlab.data.apogee import files as af
+from stellarlab.data.apogee.catalog import (
     DEFAULT_PIXMASK_BITS,
     PIXMASK_BITS,
     apply_cuts,
@@ -30,6 +30,7 @@ from stellarlab.data.apogee_catalog import (
     spectrum_relpath,
     spectrum_relpaths,
 )
+from stellarlab.data.apogee.datamodule import APOGEEDataModule
 from stellarlab.data.cache import ArrayCache
 from stellarlab.data.split import split_by_star
 from stellarlab.errors import ConfigError, DataError
@@ -78,7 +79,7 @@ def small_table() -> Table:
 
 def test_cuts_apply_in_order_and_report_what_each_removed(caplog):
     cuts = {"preset": "rgb", "snr_min": 80, "starflag_bits": ["LOW_SNR"], "telescopes": ["apo25m", "lco25m"]}
-    with caplog.at_level(logging.INFO, logger="stellarlab.data.apogee_catalog"):
+    with caplog.at_level(logging.INFO, logger="stellarlab.data.apogee.catalog"):
         kept, removed = apply_cuts(small_table(), cuts)
     assert removed == [
         ("TELESCOPE in ['apo25m', 'lco25m']", 1),  # the apo1m row (also the duplicate)
@@ -162,22 +163,22 @@ def test_spectrum_paths_follow_the_server_layout():
 # -- file readers --------------------------------------------------------------------------------------
 def test_aspcapstar_reader_masks_gaps_and_huge_errors(tmp_path):
     rng = np.random.default_rng(0)
-    clean = np.full(af.APOGEE_NPIX, 0.9, np.float32)
+    clean = np.full(grids.APOGEE_NPIX, 0.9, np.float32)
     flux, err = fx.aspcapstar_arrays(clean, 100.0, rng)
     path = fx.write_aspcapstar(tmp_path / "a.fits", flux, err)
     f, w = af.load_spectrum(path, af.PixelConfig(source="aspcapStar"))
     assert f.dtype == np.float32 and w.dtype == np.float32 and f.shape == (8575,)
-    assert np.all(w[~af.chip_mask()] == 0) and np.all(f[~af.chip_mask()] == 1.0)
+    assert np.all(w[~grids.apogee_chip_mask()] == 0) and np.all(f[~grids.apogee_chip_mask()] == 1.0)
     assert int((w == 0).sum()) == 8575 - 7514 + 20  # off-chip pixels + the 20 with error 1e10
     on = w > 0
     assert np.allclose(w[on], 100.0**2, rtol=1e-5) and np.allclose(f[on], flux[on])
     f2, w2 = af.load_spectrum(path, af.PixelConfig(source="aspcapStar", gap_deleted=True))
-    assert f2.shape == (7514,) and np.array_equal(f2, f[af.chip_mask()])
+    assert f2.shape == (7514,) and np.array_equal(f2, f[grids.apogee_chip_mask()])
 
 
 def test_apstar_reader_uses_row0_of_big_endian_2d_data_and_the_bitmask(tmp_path):
     rng = np.random.default_rng(1)
-    clean = np.full(af.APOGEE_NPIX, 1.0)
+    clean = np.full(grids.APOGEE_NPIX, 1.0)
     clean[1000:1010] = 0.5  # an absorption line
     flux, err, mask = fx.apstar_arrays(clean, 200.0, rng, n_visits=2)
     flux[1:] *= 3.0  # other rows differ: only row 0 may be read
@@ -186,7 +187,7 @@ def test_apstar_reader_uses_row0_of_big_endian_2d_data_and_the_bitmask(tmp_path)
         assert h[1].data.dtype.str == ">f8" and h[1].data.shape == (4, 8575) and h[3].data.dtype.str == ">i8"
     raw_flux, raw_err, raw_mask = af.read_apstar(path)
     assert raw_flux.dtype == np.float32 and raw_flux.dtype.isnative and raw_mask.dtype == np.int64
-    assert np.allclose(raw_flux[af.chip_mask()], flux[0][af.chip_mask()], rtol=1e-6)
+    assert np.allclose(raw_flux[grids.apogee_chip_mask()], flux[0][grids.apogee_chip_mask()], rtol=1e-6)
 
     f, w = af.load_spectrum(path, af.PixelConfig(source="apStar", pixmask=DEFAULT_PIXMASK))
     assert np.isfinite(f).all() and np.isfinite(w).all()
@@ -194,7 +195,7 @@ def test_apstar_reader_uses_row0_of_big_endian_2d_data_and_the_bitmask(tmp_path)
     assert np.all(w[masked] == 0) and np.all(f[masked] == 1.0)
     assert np.all(w[np.isnan(flux[0])] == 0)
     persist = (mask[0] & (1 << 10)) != 0  # PERSIST_MED is not in the default set: those pixels are kept
-    assert np.all(w[persist & ~masked & af.chip_mask()] > 0)
+    assert np.all(w[persist & ~masked & grids.apogee_chip_mask()] > 0)
     on = w > 0
     # continuum normalised: the flat spectrum comes back at 1 (noise 1/200), the line at 0.5
     assert np.median(f[on]) == pytest.approx(1.0, abs=0.003)
@@ -205,7 +206,7 @@ def test_apstar_reader_uses_row0_of_big_endian_2d_data_and_the_bitmask(tmp_path)
 
 def test_apstar_1d_files_are_read_too(tmp_path):
     rng = np.random.default_rng(2)
-    flux, err, mask = fx.apstar_arrays(np.ones(af.APOGEE_NPIX), 100.0, rng)
+    flux, err, mask = fx.apstar_arrays(np.ones(grids.APOGEE_NPIX), 100.0, rng)
     path = fx.write_apstar(tmp_path / "apStar-1d.fits", flux[0], err[0], mask[0])
     f, w = af.load_spectrum(path, af.PixelConfig(source="apStar", pixmask=DEFAULT_PIXMASK))
     assert f.shape == (8575,) and np.median(f[w > 0]) == pytest.approx(1.0, abs=0.005)
@@ -240,7 +241,7 @@ def test_real_dr17_apstar_file_loads_clean_onto_the_grid():
     on = w > 0
     assert 7000 < on.sum() <= 7514
     assert np.median(f[on]) == pytest.approx(1.0, abs=0.02)  # the normalised continuum sits near 1
-    for lo, hi in af.CHIP_RANGES:  # on every chip
+    for lo, hi in grids.APOGEE_CHIP_RANGES:  # on every chip
         assert np.median(f[lo:hi][on[lo:hi]]) == pytest.approx(1.0, abs=0.02)
     assert np.all(w[(mask & DEFAULT_PIXMASK) != 0] == 0) and np.all(f[(mask & DEFAULT_PIXMASK) != 0] == 1.0)
     assert np.all(w[~np.isfinite(flux)] == 0) and np.all(w[err > 1e5] == 0)
@@ -249,7 +250,7 @@ def test_real_dr17_apstar_file_loads_clean_onto_the_grid():
     assert 1 / np.median(1 / np.sqrt(w[on])) == pytest.approx(137, rel=0.25)
     g, _ = af.load_spectrum(REAL_APSTAR, af.PixelConfig(source="apStar", pixmask=DEFAULT_PIXMASK, gap_deleted=True))
     assert g.shape == (7514,)
-    assert af.apogee_wavelength()[0] == pytest.approx(15100.8, abs=0.05) and af.apogee_wavelength()[-1] == pytest.approx(16999.8, abs=0.1)
+    assert grids.apogee_wavelength()[0] == pytest.approx(15100.8, abs=0.05) and grids.apogee_wavelength()[-1] == pytest.approx(16999.8, abs=0.1)
 
 
 # -- cache ---------------------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_datamodule_builds_a_cache_and_tensors_are_clean(survey, tmp_path, caplo
     for t in dm.tensors.values():
         assert t["flux"].dtype == torch.float32 and torch.isfinite(t["flux"]).all() and torch.isfinite(t["weight"]).all()
         assert torch.all(t["flux"][t["weight"] == 0] == 1.0)
-        assert torch.all(t["weight"][:, ~torch.from_numpy(af.chip_mask())] == 0)
+        assert torch.all(t["weight"][:, ~torch.from_numpy(grids.apogee_chip_mask())] == 0)
     phys = torch.cat([t["labels_phys"] for t in dm.tensors.values()])
     # one label missing stays NaN (masked per label in the loss): 6 NaN LOGG, 6 FE_H = -9999
     assert torch.isnan(phys).sum(dim=0).tolist() == [0, 6, 6]
@@ -351,7 +352,7 @@ def test_second_run_reuses_the_cache_and_a_changed_setting_rebuilds(survey, tmp_
     def no_reading(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr("stellarlab.data.apogee.load_chunk", no_reading)
+    monkeypatch.setattr("stellarlab.data.apogee.datamodule.load_chunk", no_reading)
     again = datamodule(survey, tmp_path, split=[0.5, 0.25, 0.25], batch_size=8, workers=2)  # split/loader: same cache
     again.prepare_data()
     again.setup()
@@ -362,7 +363,7 @@ def test_second_run_reuses_the_cache_and_a_changed_setting_rebuilds(survey, tmp_
     assert gaps.cache.path != first.cache.path
     gaps.setup()
     assert gaps.tensors["train"]["flux"].shape[1] == 7514
-    assert np.allclose(gaps.wavelength, af.apogee_wavelength()[af.chip_mask()])
+    assert np.allclose(gaps.wavelength, grids.apogee_wavelength()[grids.apogee_chip_mask()])
 
 
 def test_parallel_readers_give_the_same_cache_as_one_process(survey, tmp_path):
@@ -447,7 +448,7 @@ def test_a_changed_catalogue_rebuilds_the_cache(survey, tmp_path):
 # -- configs and end to end ----------------------------------------------------------------------------
 def test_configs_compose(tmp_path):
     cfg = compose_config(["data=apogee"], tmp_path=tmp_path)
-    assert cfg.data._target_ == "stellarlab.data.apogee.APOGEEDataModule"
+    assert cfg.data._target_ == "stellarlab.data.apogee.datamodule.APOGEEDataModule"
     assert cfg.data.spectra_dir == f"{tmp_path}/data/apogee/aspcapStar"
     assert cfg.data.catalog == f"{tmp_path}/data/apogee/allStar-dr17-synspec_rev1.fits"
     assert compose_config(["data=apogee", "data.source=apStar"], tmp_path=tmp_path).data.spectra_dir.endswith("/apogee/apStar")
@@ -525,7 +526,7 @@ def test_rgb_logg_experiment_runs_on_files_and_on_the_synthetic_survey(survey, t
 
 
 def test_a_bare_preset_name_is_shorthand_for_the_preset():
-    from stellarlab.data.apogee_catalog import resolved_cuts
+    from stellarlab.data.apogee.catalog import resolved_cuts
 
     assert resolved_cuts("rgb") == resolved_cuts({"preset": "rgb"})
     assert resolved_cuts("rgb")["ranges"]["LOGG"] == (0.0, 3.8)

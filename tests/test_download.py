@@ -410,7 +410,7 @@ class ApogeeSite:
     def __init__(self, server: FileServer, tmp_path: Path, catalog_name: str = "allStar-dr17-synspec_rev1.fits"):
         import numpy as np
 
-        from stellarlab.data.apogee_catalog import spectrum_filename
+        from stellarlab.data.apogee.catalog import spectrum_filename
         from tests.apogee_fixtures import make_catalog, write_allstar, write_aspcapstar
 
         self.server = server

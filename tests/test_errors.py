@@ -291,7 +291,7 @@ def test_default_log_dir_is_checked_before_hydra_creates_it(tmp_path, mode):
 
 # -- APOGEE files ---------------------------------------------------------------------------------
 def apogee_module(env: Env, catalog: Path | None = None, spectra_dir: Path | None = None, **kwargs):
-    from stellarlab.data.apogee import APOGEEDataModule
+    from stellarlab.data.apogee.datamodule import APOGEEDataModule
 
     root = env.files["apogee"]
     return APOGEEDataModule(
@@ -336,7 +336,7 @@ def _(env):
 
 
 def load_aspcapstar(path: Path):
-    from stellarlab.data.apogee_files import PixelConfig, load_spectrum
+    from stellarlab.data.apogee.files import PixelConfig, load_spectrum
 
     return load_spectrum(path, PixelConfig())
 
@@ -377,7 +377,7 @@ def _(env):
 @case("aspcapStar file read as apStar", r"HDU3 should be the integer APOGEE_PIXMASK, found float32; is this an apStar/asStar file\?",
       r"aspcapStar files need data\.source=aspcapStar")
 def _(env):
-    from stellarlab.data.apogee_files import PixelConfig, load_spectrum
+    from stellarlab.data.apogee.files import PixelConfig, load_spectrum
 
     path = write_aspcapstar(env.tmp / "aspcapStar-x.fits", np.ones(APOGEE_PIXELS), np.full(APOGEE_PIXELS, 0.01))
     return raised(DataError, load_spectrum, path, PixelConfig(source="apStar"))
@@ -385,7 +385,7 @@ def _(env):
 
 @case("apStar with too few rows", r"apStar-rows\.fits: HDU1 has 0 rows, row 0 was asked for", r"download it again|re-download")
 def _(env):
-    from stellarlab.data.apogee_files import read_apstar
+    from stellarlab.data.apogee.files import read_apstar
 
     empty = np.zeros((0, APOGEE_PIXELS))
     path = write_apstar(env.tmp / "apStar-rows.fits", empty, empty, empty.astype(np.int64))
@@ -427,7 +427,7 @@ def galah4_root(env: Env, spectra: np.ndarray | None = None, labels: np.ndarray 
 
 
 def galah4_module(root: Path, **kwargs):
-    from stellarlab.data.galah import GALAH4DataModule
+    from stellarlab.data.galah.galah4 import GALAH4DataModule
 
     return GALAH4DataModule(root=str(root), **{"batch_size": 4, "split": [0.6, 0.2, 0.2], **kwargs})
 
@@ -485,7 +485,7 @@ def _(env):
 
 # -- predict.py -----------------------------------------------------------------------------------
 def read_npy(env: Env, flux: np.ndarray | None = None, path: Path | None = None, input_wavelength=None):
-    from stellarlab.data.apogee_files import apogee_wavelength
+    from stellarlab.grids import apogee_wavelength
     from stellarlab.results.prediction import read_spectra
 
     if path is None:

@@ -93,7 +93,7 @@ def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained
     assert np.isfinite(catalog["teff"][0])  # apStar: continuum-normalised here first
 
     # npy spectra on another grid: refused without a wavelength array, resampled with one
-    from stellarlab.data.apogee_files import apogee_wavelength
+    from stellarlab.grids import apogee_wavelength
 
     wave = apogee_wavelength()
     coarse = wave[::2]

@@ -24,10 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf, open_dict
 
-from stellarlab.data.apogee_files import (
-    APOGEE_DLOGLAM,
-    APOGEE_LOGLAM0,
-    APOGEE_NPIX,
+from stellarlab.data.apogee.files import (
     PixelConfig,
     load_spectrum,
     read_apstar,
@@ -35,6 +32,7 @@ from stellarlab.data.apogee_files import (
     spectrum_arrays,
 )
 from stellarlab.errors import ConfigError, DataError, StellarlabError
+from stellarlab.grids import APOGEE_DLOGLAM, APOGEE_LOGLAM0, APOGEE_NPIX
 from tests.conftest import TINY, compose_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # astropy's truncation/verify warnings, numpy's overflow-in-cast: expected here
@@ -251,7 +249,7 @@ def npy_array(draw, pixels: list[int], n_columns: int | None = None):
 @given(data=st.data(), fortran=st.booleans(), cut=st.sampled_from([None] * 6 + [0.0, 0.05, 0.5, 0.99]),
        which=st.sampled_from(["spectra.npy", "labels.npy"]), transform=st.sampled_from(["none", "log"]))
 def test_galah4_reader_returns_finite_tensors_or_a_stellarlab_error(data, fortran, cut, which, transform, tmp_path_factory):
-    from stellarlab.data.galah import GALAH4DataModule
+    from stellarlab.data.galah.galah4 import GALAH4DataModule
 
     root = tmp_path_factory.getbasetemp() / "fuzz-galah4"
     root.mkdir(exist_ok=True)
@@ -278,7 +276,7 @@ def test_galah4_reader_returns_finite_tensors_or_a_stellarlab_error(data, fortra
        preprocessing=st.sampled_from([{}, {"flux_transform": "log", "flux_floor": 0.2}]),
        resample=st.booleans())
 def test_predict_npy_reader_returns_finite_spectra_or_a_data_error(data, fortran, cut, preprocessing, resample, tmp_path_factory):
-    from stellarlab.data.apogee_files import apogee_wavelength
+    from stellarlab.grids import apogee_wavelength
     from stellarlab.results.prediction import read_spectra
 
     folder = tmp_path_factory.getbasetemp() / "fuzz-predict"

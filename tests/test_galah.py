@@ -19,12 +19,9 @@ import torch
 from astropy.io import fits
 
 import train as train_script
-from stellarlab.data.galah import (
-    GALAH4_COLUMNS,
-    GALAH4DataModule,
-    GALAHDR4DataModule,
-    canonical_label,
-)
+from stellarlab.data.galah.common import canonical_label
+from stellarlab.data.galah.dr4 import GALAHDR4DataModule
+from stellarlab.data.galah.galah4 import GALAH4_COLUMNS, GALAH4DataModule
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.grids import galah_wavelength
 from tests.conftest import compose_config
@@ -393,7 +390,7 @@ def test_dr4_file_errors_name_the_file_and_the_fix(dr4, survey, tmp_path, shared
 
 def test_galah_cnn_experiment_recipe(tmp_path):
     cfg = compose_config(["experiment=galah_cnn"], tmp_path=tmp_path)
-    assert cfg.data._target_ == "stellarlab.data.galah.GALAH4DataModule"
+    assert cfg.data._target_ == "stellarlab.data.galah.galah4.GALAH4DataModule"
     assert cfg.data.root == str(tmp_path / "data" / "galah4")
     assert list(cfg.data.labels) == ["teff", "logg", "fe_h"]
     assert list(cfg.data.split) == [0.7, 0.15, 0.15] and cfg.data.batch_size == 32

@@ -1,7 +1,8 @@
 """DataModules: one per survey, all on `SpectraDataModule`.
 
-Names are imported on first use, so `stellarlab.data.apogee_catalog` (used by the download command
-and by preprocessing workers) loads without torch or Lightning.
+Each survey's code is a package (`apogee`, `galah`) or module (`synthetic`), found through the registry
+`stellarlab.data.surveys`. Names are imported on first use, so the registry and the file readers (used
+by the download command and by preprocessing workers) load without torch or Lightning.
 """
 
 import importlib
@@ -11,9 +12,9 @@ _EXPORTS = {
     "SpectraArrays": "stellarlab.data.base",
     "SpectraDataModule": "stellarlab.data.base",
     "SyntheticDataModule": "stellarlab.data.synthetic",
-    "APOGEEDataModule": "stellarlab.data.apogee",
-    "GALAH4DataModule": "stellarlab.data.galah",
-    "GALAHDR4DataModule": "stellarlab.data.galah",
+    "APOGEEDataModule": "stellarlab.data.apogee.datamodule",
+    "GALAH4DataModule": "stellarlab.data.galah.galah4",
+    "GALAHDR4DataModule": "stellarlab.data.galah.dr4",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,6 +8,8 @@ and only then renamed to its final name: a file under its final name is always c
     fetcher = Fetcher(workers=4, retries=5)
     results = fetcher.fetch_all([FileJob(url, dest, sha1=...), ...])
     print(format_summary(results))
+
+A survey's download recipe gets a Fetcher and returns a `Report` of what happened to every file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -463,3 +465,21 @@ def format_summary(results: Sequence[FileResult], root: Path | None = None, titl
         lines.append("failed:")
         lines += [f"  {name(r)}: {r.reason}" for r in failed]
     return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """What a download did (a survey recipe returns one): one result per file, and the folder their names are relative to."""
+
+    results: list[FileResult] = field(default_factory=list)
+    root: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float | None = None
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if r.status == FAILED]
+
+    def summary(self) -> str:
+        took = f" in {self.seconds:.1f} s" if self.seconds is not None else ""
+        return "\n".join([*self.notes, format_summary(self.results, self.root, title=f"download summary{took}")])

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from stellarlab.data import surveys
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "aspcapStar", "apStar", "npy")
-FILE_PATTERNS = {"aspcapStar": "aspcapStar-*.fits", "apStar": "ap*Star-*.fits", "npy": "*.npy"}
+#: predict.py's `format=` values: auto, then each reader `stellarlab.data.surveys` knows (aspcapStar, apStar, npy).
+FORMATS = ("auto", *surveys.format_names())
 
 
 @dataclass
@@ -85,14 +86,14 @@ def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
 # -- reading new spectra ---------------------------------------------------------------------------
 def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
     """Files named directly, or every file of the format in a folder (sorted, so output order is stable)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} is not one of {list(FORMATS)}; format=auto tells it from each file's name")
+    _check_format(fmt)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    formats = surveys.input_formats() if fmt == "auto" else [surveys.input_format(fmt)]
+    patterns = list(dict.fromkeys(g for f in formats for g in f.globs))
     files: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            patterns = FILE_PATTERNS.values() if fmt == "auto" else [FILE_PATTERNS[fmt]]
             found = sorted({p for pattern in patterns for p in path.glob(pattern) if not p.name.endswith("_wavelength.npy")})
             if not found:
                 raise DataError(f"input folder {path} holds no spectra (looked for {', '.join(patterns)})")
@@ -104,105 +105,19 @@ def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
     return files
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not one of {list(FORMATS)}; format=auto tells it from each file's name")
+
+
 def file_format(path: Path, fmt: str) -> str:
+    """`fmt`, or for format=auto the format the file's name says (`stellarlab.data.surveys.format_of_file`)."""
     if fmt != "auto":
         return fmt
-    name = path.name
-    if name.endswith(".npy"):
-        return "npy"
-    if name.startswith("aspcapStar"):
-        return "aspcapStar"
-    if name.startswith(("apStar", "asStar")):
-        return "apStar"
-    raise DataError(f"cannot tell the format of {path} from its name; pass format=aspcapStar|apStar|npy")
-
-
-def resample(flux: np.ndarray, weight: np.ndarray, wave_in: np.ndarray, wave_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Linear interpolation onto the model grid; pixels outside the input range, or next to a bad one, get weight 0."""
-    order = np.argsort(wave_in)
-    wave_in, flux, weight = wave_in[order], flux[:, order], weight[:, order]
-    out_flux = np.empty((len(flux), len(wave_out)), dtype=np.float32)
-    out_weight = np.empty_like(out_flux)
-    inside = (wave_out >= wave_in[0]) & (wave_out <= wave_in[-1])
-    right = np.clip(np.searchsorted(wave_in, wave_out), 1, len(wave_in) - 1)
-    for i in range(len(flux)):  # one interpolation per spectrum (vectorised over pixels)
-        out_flux[i] = np.interp(wave_out, wave_in, flux[i])
-        bad = weight[i] <= 0
-        out_weight[i] = np.interp(wave_out, wave_in, weight[i])
-        out_weight[i][bad[right] | bad[right - 1] | ~inside] = 0.0
-    out_flux[out_weight <= 0] = 1.0
-    return out_flux, out_weight
-
-
-def _read_npy(path: Path, preprocessing: dict, n_pixels: int, wavelength: np.ndarray, input_wavelength) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    try:
-        flux = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npy array ({err}); is the file truncated?") from err
-    if flux.ndim == 1:
-        flux = flux[None, :]
-    if flux.ndim != 2 or flux.dtype.kind not in "iuf":
-        raise DataError(f"{path}: expected a real-valued (N, pixels) or (pixels,) array, got {flux.dtype} {list(flux.shape)}")
-    if flux.size == 0:
-        raise DataError(f"{path}: the array {list(flux.shape)} holds no spectra; save the spectra as an (N, pixels) array")
-    flux = np.asarray(flux, dtype=np.float32)
-    weight = np.isfinite(flux).astype(np.float32)
-    transform = preprocessing.get("flux_transform", "none")
-    if transform != "none":
-        from stellarlab.data.galah import transform_flux
-
-        flux = transform_flux(flux, transform, float(preprocessing.get("flux_floor", 0.0)))
-    if flux.shape[1] != n_pixels:
-        if input_wavelength is None:
-            raise DataError(
-                f"{path}: spectra have {flux.shape[1]} pixels but the checkpoint's grid has {n_pixels} "
-                f"({wavelength[0]:.2f}-{wavelength[-1]:.2f} A); pass input_wavelength=<.npy of {flux.shape[1]} wavelengths in A> "
-                "to resample them onto it"
-            )
-        try:
-            wave_in = np.load(input_wavelength, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"input_wavelength={input_wavelength}: not a readable .npy array ({err})") from err
-        if wave_in.shape != (flux.shape[1],) or wave_in.dtype.kind not in "iuf" or not np.isfinite(wave_in).all():
-            raise DataError(
-                f"input_wavelength={input_wavelength} holds {wave_in.dtype} {list(wave_in.shape)}; {path} needs "
-                f"{flux.shape[1]} finite wavelengths in A, one per pixel"
-            )
-        wave_in = wave_in.astype(np.float64)
-        overlap = np.mean((wavelength >= wave_in.min()) & (wavelength <= wave_in.max()))
-        if overlap < 0.5:
-            raise DataError(
-                f"{path}: its grid ({wave_in.min():.1f}-{wave_in.max():.1f} A) covers {overlap:.0%} of the checkpoint's "
-                f"({wavelength[0]:.1f}-{wavelength[-1]:.1f} A); this model cannot read these spectra"
-            )
-        flux, weight = resample(np.where(weight > 0, flux, 1.0), weight, wave_in, wavelength)
-    ids = [path.stem] if len(flux) == 1 else [f"{path.stem}:{i}" for i in range(len(flux))]
-    return flux, weight, ids
-
-
-def _read_apogee(path: Path, fmt: str, preprocessing: dict, n_pixels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from stellarlab.data.apogee_files import PixelConfig, load_spectrum
-
-    settings = dict(preprocessing.get("pixels") or {})
-    settings["source"] = fmt
-    settings.setdefault("gap_deleted", bool(preprocessing.get("gap_deleted", False)))
-    if fmt == "apStar" and "pixmask" not in settings:
-        from stellarlab.data.apogee_catalog import DEFAULT_PIXMASK_BITS
-
-        settings["pixmask"] = sum(1 << b for b in DEFAULT_PIXMASK_BITS)
-    cfg = PixelConfig(**{k: v for k, v in settings.items() if k in PixelConfig.__dataclass_fields__})
-    if cfg.n_pixels != n_pixels:
-        raise DataError(
-            f"{path}: APOGEE spectra give {cfg.n_pixels} pixels (gap_deleted={cfg.gap_deleted}) but the checkpoint's "
-            f"grid has {n_pixels}; this model was not trained on the APOGEE grid"
-        )
-    flux, weight = load_spectrum(path, cfg)
-    stem = path.stem
-    for prefix in ("aspcapStar-dr17-", "apStar-dr17-", "asStar-dr17-", "aspcapStar-", "apStar-", "asStar-"):
-        if stem.startswith(prefix):
-            stem = stem[len(prefix):]
-            break
-    return flux[None, :], weight[None, :], [stem]
+    found = surveys.format_of_file(path.name)
+    if found is None:
+        raise DataError(f"cannot tell the format of {path} from its name; pass format={'|'.join(FORMATS[1:])}")
+    return found.name
 
 
 def read_spectra(
@@ -212,15 +127,15 @@ def read_spectra(
     wavelength: np.ndarray,
     input_wavelength: str | None = None,
 ) -> Spectra:
-    """Every file's spectra, preprocessed as the checkpoint's training data was, on its wavelength grid."""
-    n_pixels = len(wavelength)
+    """Every file's spectra, preprocessed as the checkpoint's training data was, on its wavelength grid.
+
+    Each format's reader is the one its survey registers (`stellarlab.data.surveys`)."""
+    _check_format(fmt)
     fluxes, weights, ids, sources = [], [], [], []
     for path in files:
         kind = file_format(path, fmt)
-        if kind == "npy":
-            flux, weight, names = _read_npy(path, preprocessing, n_pixels, wavelength, input_wavelength)
-        else:
-            flux, weight, names = _read_apogee(path, kind, preprocessing, n_pixels)
+        reader = surveys.load(surveys.input_format(kind).reader)
+        flux, weight, names = reader(path, kind, preprocessing, wavelength, input_wavelength)
         fluxes.append(flux)
         weights.append(weight)
         ids.extend(names)

@@ -11,36 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from numpy.polynomial import chebyshev
 
 from stellarlab.errors import DataError
+from stellarlab.grids import (
+    APOGEE_CHIP_RANGES,
+    APOGEE_DLOGLAM,
+    APOGEE_LOGLAM0,
+    APOGEE_NCHIP_PIXELS,
+    APOGEE_NPIX,
+    apogee_chip_mask,
+)
 
-# DR17 apStar/aspcapStar grid: log10(lambda) = 4.179 + 6e-6 i, i = 0..8574 (vacuum, Angstrom).
-# The same numbers as stellarlab.grids, repeated here so that reading files needs no torch.
-APOGEE_LOGLAM0 = 4.179
-APOGEE_DLOGLAM = 6e-6
-APOGEE_NPIX = 8575
-#: Detector chips (blue, green, red), end-exclusive pixel ranges: 7514 pixels in all.
-CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
-N_CHIP_PIXELS = sum(hi - lo for lo, hi in CHIP_RANGES)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def apogee_wavelength(gap_deleted: bool = False) -> np.ndarray:
-    """Vacuum wavelengths (Angstrom) of the DR17 grid, or of its 7514 chip pixels."""
-    wl = 10.0 ** (APOGEE_LOGLAM0 + APOGEE_DLOGLAM * np.arange(APOGEE_NPIX, dtype=np.float64))
-    return wl[chip_mask()] if gap_deleted else wl
-
-
-def chip_mask() -> np.ndarray:
-    """True on the 7514 pixels that fall on a detector chip."""
-    mask = np.zeros(APOGEE_NPIX, dtype=bool)
-    for lo, hi in CHIP_RANGES:
-        mask[lo:hi] = True
-    return mask
 
 
 @dataclass(frozen=True)
@@ -58,7 +45,7 @@ class PixelConfig:
 
     @property
     def n_pixels(self) -> int:
-        return N_CHIP_PIXELS if self.gap_deleted else APOGEE_NPIX
+        return APOGEE_NCHIP_PIXELS if self.gap_deleted else APOGEE_NPIX
 
 
 def _native_float32(data, path, hdu: int, row: int | None, keep_integers: bool = False) -> np.ndarray:
@@ -154,7 +141,7 @@ def read_apstar(path, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def usable_pixels(flux: np.ndarray, err: np.ndarray, pixmask: np.ndarray | None = None, bad_bits: int = 0) -> np.ndarray:
     """True where a pixel holds data: on a chip, finite, error > 0, flux != 0 (zero-filled), no bad mask bit."""
-    good = chip_mask() & np.isfinite(flux) & np.isfinite(err) & (err > 0) & (flux != 0)
+    good = apogee_chip_mask() & np.isfinite(flux) & np.isfinite(err) & (err > 0) & (flux != 0)
     if pixmask is not None and bad_bits:
         good &= (pixmask & np.int64(bad_bits)) == 0
     return good
@@ -173,7 +160,7 @@ def continuum(flux: np.ndarray, err: np.ndarray, usable: np.ndarray, degree: int
     with np.errstate(divide="ignore", over="ignore"):
         usable = usable & np.isfinite(1.0 / e64) & (np.abs(f64) < 1e150)  # weights and squares stay finite
     min_pixels = 4 * (degree + 1)
-    for lo, hi in CHIP_RANGES:
+    for lo, hi in APOGEE_CHIP_RANGES:
         f, e, ok = f64[lo:hi], e64[lo:hi], usable[lo:hi]
         if ok.sum() < min_pixels:
             continue
@@ -217,7 +204,7 @@ def spectrum_arrays(
         weight = np.where(good, ivar, 0.0).astype(np.float32)
     flux_out = np.where(good, flux, 1.0).astype(np.float32)
     if cfg.gap_deleted:
-        keep = chip_mask()
+        keep = apogee_chip_mask()
         flux_out, weight = flux_out[keep], weight[keep]
     return flux_out, weight
 
@@ -244,7 +231,34 @@ def load_chunk(task: tuple[int, Sequence[str], PixelConfig]) -> tuple[int, np.nd
     return start, flux, weight
 
 
+def read_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength=None):
+    """predict.py's reader of one aspcapStar/apStar file (`fmt`), preprocessed as the checkpoint's training data
+    (`preprocessing`, saved by APOGEEDataModule) was: (flux (1, P), weight (1, P), [APOGEE_ID]).
+
+    The files are on the DR17 grid, so `input_wavelength` (for resampling other grids) does not apply."""
+    settings = dict(preprocessing.get("pixels") or {})
+    settings["source"] = fmt
+    settings.setdefault("gap_deleted", bool(preprocessing.get("gap_deleted", False)))
+    if fmt == "apStar" and "pixmask" not in settings:
+        from stellarlab.data.apogee.catalog import DEFAULT_PIXMASK_BITS
+
+        settings["pixmask"] = sum(1 << b for b in DEFAULT_PIXMASK_BITS)
+    cfg = PixelConfig(**{k: v for k, v in settings.items() if k in PixelConfig.__dataclass_fields__})
+    if cfg.n_pixels != len(wavelength):
+        raise DataError(
+            f"{path}: APOGEE spectra give {cfg.n_pixels} pixels (gap_deleted={cfg.gap_deleted}) but the checkpoint's "
+            f"grid has {len(wavelength)}; this model was not trained on the APOGEE grid"
+        )
+    flux, weight = load_spectrum(path, cfg)
+    stem = Path(path).stem
+    for prefix in ("aspcapStar-dr17-", "apStar-dr17-", "asStar-dr17-", "aspcapStar-", "apStar-", "asStar-"):
+        if stem.startswith(prefix):
+            stem = stem[len(prefix):]
+            break
+    return flux[None, :], weight[None, :], [stem]
+
+
 __all__ = [
-    "APOGEE_NPIX", "CHIP_RANGES", "N_CHIP_PIXELS", "PixelConfig", "apogee_wavelength", "chip_mask", "continuum",
-    "load_chunk", "load_spectrum", "read_apstar", "read_aspcapstar", "spectrum_arrays", "usable_pixels",
+    "PixelConfig", "continuum", "load_chunk", "load_spectrum", "read_apstar", "read_aspcapstar", "read_input",
+    "spectrum_arrays", "usable_pixels",
 ]

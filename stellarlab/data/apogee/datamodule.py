@@ -20,10 +20,11 @@ from concurrent.futures import (
     wait,
 )
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from stellarlab.data.apogee_catalog import (
+from stellarlab.data.apogee.catalog import (
     DEFAULT_PIXMASK_BITS,
     DOWNLOAD_COMMAND,
     IDENTITY_COLUMNS,
@@ -39,10 +40,11 @@ from stellarlab.data.apogee_catalog import (
     resolved_cuts,
     spectrum_relpaths,
 )
-from stellarlab.data.apogee_files import PixelConfig, apogee_wavelength, load_chunk
+from stellarlab.data.apogee.files import PixelConfig, load_chunk
 from stellarlab.data.base import SpectraArrays, SpectraDataModule
 from stellarlab.data.cache import ArrayCache
 from stellarlab.errors import ConfigError, DataError
+from stellarlab.grids import apogee_wavelength
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ def _usable_cores() -> int:
 
 class APOGEEDataModule(SpectraDataModule):
     """APOGEE DR17: allStar labels plus one aspcapStar/apStar spectrum per star, cached as float32 arrays."""
+
+    #: Its entry in `stellarlab.data.surveys` (download recipe, predict.py readers); subclasses inherit it.
+    survey_name: ClassVar[str] = "apogee"
 
     def __init__(
         self,

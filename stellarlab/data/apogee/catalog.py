@@ -1,7 +1,8 @@
 """The APOGEE DR17 allStar catalogue: read it, cut it, and find each star's spectrum file.
 
 Kept free of torch (numpy and astropy only) so the download command and worker processes can use it
-cheaply. Bit numbers and file names follow the DR17 data model (shared/design/data-formats.md).
+cheaply. Bit numbers, column names and file names follow the SDSS DR17 data model of allStar and
+apStar/aspcapStar files: spectra live at {TELESCOPE}/{FIELD}/<file> below the survey's spectra folder.
 """
 
 from __future__ import annotations
