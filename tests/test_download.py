@@ -556,6 +556,43 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: download.workers must be >= 1, got 0"
 
 
+def _own_apogee_class():
+    from stellarlab.data.apogee.datamodule import APOGEEDataModule
+
+    class MyAPOGEE(APOGEEDataModule):  # a user's own subclass, under a name with no survey in it
+        pass
+
+    return MyAPOGEE
+
+
+def test_the_recipe_is_the_one_the_datamodule_class_names(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from stellarlab.data.apogee.download import download as apogee_recipe
+    from stellarlab.data.galah.download import download as galah4_recipe
+    from stellarlab.download.command import recipe_of
+    from stellarlab.errors import ConfigError
+
+    def recipe(target):
+        return recipe_of(OmegaConf.create({} if target is None else {"_target_": target}))
+
+    monkeypatch.setattr(__name__ + ".MyOwnSpectra", _own_apogee_class(), raising=False)
+    assert recipe(__name__ + ".MyOwnSpectra") is apogee_recipe
+    assert recipe("stellarlab.data.apogee.datamodule.APOGEEDataModule") is apogee_recipe
+    assert recipe("stellarlab.data.galah.GALAH4DataModule") is galah4_recipe  # the package's lazy name: old configs
+    with pytest.raises(ConfigError, match=r"needs no download"):
+        recipe("stellarlab.data.synthetic.SyntheticDataModule")
+    with pytest.raises(ConfigError, match=r"^the download command has no recipe for this data config "
+                                          r"\(stellarlab\.data\.galah\.dr4\.GALAHDR4DataModule\); it fetches data=apogee"):
+        recipe("stellarlab.data.galah.dr4.GALAHDR4DataModule")
+    with pytest.raises(ConfigError, match=r"no recipe for this data config \(stellarlab\.data\.base\.SpectraDataModule\)"):
+        recipe("stellarlab.data.base.SpectraDataModule")
+    with pytest.raises(ConfigError, match=r"no recipe for this data config \(no _target_\)"):
+        recipe(None)
+    with pytest.raises(ConfigError, match=r"data\._target_=stellarlab\.data\.nope\.X cannot be imported"):
+        recipe("stellarlab.data.nope.X")
+
+
 def test_apogee_sha1_list_that_cannot_be_fetched_fails_its_folder_only(server, tmp_path):
     from stellarlab.download.command import download
 

@@ -124,3 +124,23 @@ def test_predict_errors_name_the_problem(trained, tmp_path):
     np.save(tmp_path / "nan.npy", np.full((2, 8575), np.nan, dtype=np.float32))
     nan = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'nan.npy'}", log_dir=tmp_path / "o")
     assert nan.returncode == 2 and "no input spectrum has a single usable pixel" in nan.stderr
+
+
+def test_predict_finds_each_format_and_its_reader_through_the_survey_registry(tmp_path):
+    from stellarlab.data import surveys
+    from stellarlab.data.apogee.files import read_input
+    from stellarlab.data.flux import read_npy
+    from stellarlab.results.prediction import FORMATS, file_format, find_inputs
+
+    assert FORMATS == ("auto", "aspcapStar", "apStar", "npy")
+    names = ["aspcapStar-dr17-2M1.fits", "apStar-dr17-2M2.fits", "asStar-dr17-2M3.fits", "flux.npy",
+             "flux_wavelength.npy", "notes.txt"]
+    for name in names:
+        (tmp_path / name).touch()
+    assert [p.name for p in find_inputs(str(tmp_path), "auto")] == sorted(names[:4])
+    assert [p.name for p in find_inputs(str(tmp_path), "apStar")] == ["apStar-dr17-2M2.fits", "asStar-dr17-2M3.fits"]
+    kinds = [file_format(tmp_path / name, "auto") for name in names[:4]]
+    assert kinds == ["aspcapStar", "apStar", "apStar", "npy"]
+    assert file_format(tmp_path / "aspcapStar-x.npy", "auto") == "npy"  # the extension wins over the name
+    readers = {kind: surveys.load(surveys.input_format(kind).reader) for kind in FORMATS[1:]}
+    assert readers == {"aspcapStar": read_input, "apStar": read_input, "npy": read_npy}

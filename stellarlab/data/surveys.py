@@ -83,11 +83,6 @@ def survey_of_class(cls: type) -> Survey | None:
     return None if name is None else get(name)
 
 
-def survey_of(datamodule) -> Survey | None:
-    """The survey of a DataModule instance; None for data that belongs to no registered survey."""
-    return survey_of_class(type(datamodule))
-
-
 def survey_of_config(data: Mapping) -> Survey | None:
     """The survey of a `data` config's `_target_` class (imported, not instantiated); None without one."""
     target = str(data.get("_target_") or "")
@@ -136,5 +131,5 @@ def load(dotted: str):
 
 __all__ = [
     "COMMON_FORMATS", "InputFormat", "SURVEYS", "Survey", "format_names", "format_of_file", "get", "input_format",
-    "input_formats", "load", "survey_of", "survey_of_class", "survey_of_config",
+    "input_formats", "load", "survey_of_class", "survey_of_config",
 ]

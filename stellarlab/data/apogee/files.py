@@ -5,6 +5,7 @@ hold the combined spectrum in row 0 of 2-D (rows, 8575) arrays (1-D in old singl
 big-endian float64 with NaN edges, huge errors at bad pixels and an APOGEE_PIXMASK in HDU3; they are
 normalised here per detector chip by an error-weighted Chebyshev fit that ignores masked pixels and
 clips absorption lines. Every error names the file. numpy and astropy only: these run in worker processes.
+`read_input` is predict.py's reader of the same files (registered in `stellarlab.data.surveys`).
 """
 
 from __future__ import annotations
