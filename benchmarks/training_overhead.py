@@ -33,7 +33,7 @@ from omegaconf import open_dict
 import stellarlab.config  # noqa: F401  (run_id resolver)
 from stellarlab.config import instantiate_group
 from stellarlab.data import SpectraArrays, SpectraDataModule
-from stellarlab.models.base import masked_mse
+from stellarlab.models.losses import masked_mse
 from stellarlab.run.allocator import keep_freed_blocks
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

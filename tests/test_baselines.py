@@ -17,8 +17,8 @@ from sklearn.neighbors import KNeighborsRegressor
 import train as train_script
 from stellarlab.errors import ConfigError
 from stellarlab.models import knn as knn_module
-from stellarlab.models.base import masked_mse
 from stellarlab.models.knn import KNNRegressor
+from stellarlab.models.losses import masked_mse
 from stellarlab.models.ridge import RidgeRegressor
 from tests.conftest import compose_config
 
@@ -171,14 +171,15 @@ def test_config_builds_ignores_the_optimizer_and_predicts_the_mean_before_fittin
 @pytest.mark.parametrize(
     "cls, kwargs, match",
     [
-        (RidgeRegressor, {"alpha": 0.0}, "model.alpha must be positive"),
-        (RidgeRegressor, {"alpha": [1.0, -1.0]}, r"model.alpha must be positive.*\[-1.0\]"),
-        (RidgeRegressor, {"alpha": []}, "model.alpha is an empty list"),
-        (RidgeRegressor, {"alpha": ["small"]}, "model.alpha must be numbers"),
-        (KNNRegressor, {"k": ["ten"]}, "model.k must be positive integers"),
-        (KNNRegressor, {"k": 0}, "model.k must be positive integers"),
-        (KNNRegressor, {"k": [2.5]}, "model.k must be positive integers"),
-        (KNNRegressor, {"weights": "cosine"}, r"model.weights must be one of \['uniform', 'distance'\]"),
+        (RidgeRegressor, {"alpha": 0.0}, r"model\.alpha=0\.0 is not valid: it must be numbers > 0; e\.g\. model\.alpha="),
+        (RidgeRegressor, {"alpha": [1.0, -1.0]}, r"model\.alpha=\[1\.0,-1\.0\] is not valid: it must be numbers > 0"),
+        (RidgeRegressor, {"alpha": []}, r"model\.alpha=\[\] is not valid: it must be numbers > 0"),
+        (RidgeRegressor, {"alpha": ["small"]}, r"model\.alpha=\[small\] is not valid: it must be numbers > 0"),
+        (KNNRegressor, {"k": ["ten"]}, r"model\.k=\[ten\] is not valid: it must be integers >= 1; e\.g\. model\.k=\[5,10,20\]"),
+        (KNNRegressor, {"k": 0}, r"model\.k=0 is not valid: it must be integers >= 1"),
+        (KNNRegressor, {"k": [2.5]}, r"model\.k=\[2\.5\] is not valid: it must be integers >= 1"),
+        (KNNRegressor, {"k": []}, r"model\.k=\[\] is empty; give at least one value"),
+        (KNNRegressor, {"weights": "cosine"}, r"model\.weights=cosine is not valid; valid values: uniform, distance"),
         (KNNRegressor, {"loss": "gaussian_nll"}, "model.loss=gaussian_nll is not available"),
     ],
 )

@@ -23,9 +23,11 @@ over 30 epochs). The factor travels in the checkpoint as a buffer.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated, Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,16 +35,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from stellarlab.checks import Choice, Number, Rule, check_call
 from stellarlab.errors import ConfigError, TrainingError
 from stellarlab.metrics import calibration, label_metrics
+from stellarlab.models.losses import LOSSES, SIGMA_MIN, masked_gaussian_nll, masked_mse, rms_z
 
-LOSSES = ("mse", "gaussian_nll")
-# Smallest predicted sigma, in standardised units (~0.6 K in Teff, ~1e-3 dex in log g on the default
-# survey): ten times below the Cramer-Rao bound at SNR 100, yet it keeps 1/sigma^2 finite if a net
-# pushes a scale to -inf. softplus (not exp) keeps large sigmas linear in the raw output, so an early
-# bad batch cannot blow the variance up exponentially.
-SIGMA_MIN = 1e-3
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # Epoch-level val/test values are computed from predictions all_gathered from every rank, so each rank
 # holds the same global number. Logging them with a max-reduction across ranks returns that number
 # exactly and tells Lightning they are synchronised (no "use sync_dist=True" warning under DDP).
@@ -58,48 +55,24 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+class ActivationName(Rule):
+    """A name of `ACTIVATIONS`, in any case. The message starts "unknown activation '<name>'": sweep summaries match on it."""
+
+    def check(self, key: str, value: Any) -> None:
+        name = str(value)
+        if name.lower() not in ACTIVATIONS:
+            close = difflib.get_close_matches(name.lower(), sorted(ACTIVATIONS), n=1)
+            hint = f"did you mean {key}={close[0]}? " if close else ""
+            raise ConfigError(f"unknown activation '{name}' ({key}); {hint}choose one of {sorted(ACTIVATIONS)}")
+
+
+#: `activation` argument of the networks.
+Activation = Annotated[str, ActivationName()]
+
+
 def activation(name: str) -> nn.Module:
-    try:
-        return ACTIVATIONS[name.lower()]()
-    except KeyError:
-        raise ConfigError(f"unknown activation '{name}'; choose one of {sorted(ACTIVATIONS)}") from None
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over labels of the MSE over the rows where that label is known (NaN = missing)."""
-    mask = torch.isfinite(target)
-    diff = (pred - torch.nan_to_num(target)) * mask
-    counts = mask.sum(0)
-    per_label = (diff**2).sum(0) / counts.clamp(min=1)
-    present = (counts > 0).to(per_label.dtype)  # arithmetic, not boolean indexing: no device sync per step
-    return (per_label * present).sum() / present.sum().clamp(min=1)
-
-
-def masked_gaussian_nll(mean: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """Mean over labels of the Gaussian NLL (nats, constant included) over the rows where that label is known.
-
-    With the 0.5 log(2 pi) term it is a true log-likelihood: a perfectly calibrated Gaussian predictor with
-    sigma s scores log(s) + 1.42 per label, so the value is comparable across runs (not with an MSE).
-    `beta` > 0 weights each row by sigma^(2 beta) with no gradient through the weight (beta-NLL, Seitzer
-    et al. 2022): plain NLL (beta = 0) scales the mean's gradient by 1/sigma^2, so stars the net already
-    fits well dominate and the mean learns worse than with an MSE; beta = 1 gives the MSE's mean gradient.
-    """
-    mask = torch.isfinite(target)
-    z = (mean - torch.nan_to_num(target)) / sigma
-    nll = (0.5 * z**2 + torch.log(sigma) + _HALF_LOG_2PI) * mask
-    if beta:
-        nll = nll * sigma.detach() ** (2.0 * beta)
-    counts = mask.sum(0)
-    per_label = nll.sum(0) / counts.clamp(min=1)
-    return per_label[counts > 0].mean()
-
-
-def _rms_z(mean: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per label sqrt(mean(z^2)) over known rows: the sigma factor that minimises the Gaussian NLL (1 if none)."""
-    mask = torch.isfinite(target)
-    z2 = (((mean - torch.nan_to_num(target)) / sigma) ** 2) * mask
-    counts = mask.sum(0)
-    return torch.where(counts > 0, torch.sqrt(z2.sum(0) / counts.clamp(min=1)), torch.ones_like(counts, dtype=z2.dtype))
+    ActivationName().check("model.activation", name)
+    return ACTIVATIONS[name.lower()]()
 
 
 def _drop_repeats(index: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -121,7 +94,14 @@ class SpectrumRegressor(pl.LightningModule):
 
     `loss` is `mse` or `gaussian_nll`; subclasses size their output layer with `self.n_outputs`
     (L or 2L) and never need to know which loss is in use.
+
+    Arguments state their rules in their annotations (`stellarlab.checks`); every subclass's too, with
+    no code of its own: `__new__` checks the arguments of each call, and `validate_train_config` the config.
     """
+
+    def __new__(cls, *args, **kwargs):
+        check_call(cls, args, kwargs, "model")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -132,15 +112,11 @@ class SpectrumRegressor(pl.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         wavelength: torch.Tensor | None = None,
-        loss: str = "mse",
-        nll_beta: float = 0.5,
+        loss: Annotated[str, Choice(*LOSSES)] = "mse",
+        nll_beta: Annotated[float, Number(minimum=0, maximum=1, example="model.nll_beta=0.5")] = 0.5,
     ):
         super().__init__()
-        if str(loss) not in LOSSES:
-            raise ConfigError(f"unknown model.loss '{loss}'; choose one of {list(LOSSES)}")
         self.loss_name = str(loss)
-        if not 0.0 <= float(nll_beta) <= 1.0:
-            raise ConfigError(f"model.nll_beta must be in [0, 1] (0: plain Gaussian NLL, 1: MSE-like mean gradient), got {nll_beta}")
         self.nll_beta = float(nll_beta)
         self.n_labels = len(label_names)
         # Output width of `self.net`: a mean per label, plus a raw sigma per label for gaussian_nll.
@@ -286,7 +262,7 @@ class SpectrumRegressor(pl.LightningModule):
         mse = masked_mse(pred, target)
         if sigma is not None:
             if stage == "val" and not self.trainer.sanity_checking:
-                self.sigma_scale.copy_(_rms_z(pred.float(), sigma, target))
+                self.sigma_scale.copy_(rms_z(pred.float(), sigma, target))
                 for label, value in zip(self.label_names, self.sigma_scale.tolist()):
                     self.log(f"val/sigma_scale_{label}", value, **GLOBAL)
             sigma = sigma * self.sigma_scale

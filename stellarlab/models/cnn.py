@@ -6,15 +6,19 @@ everywhere: far fewer parameters than an MLP on 8575 pixels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from stellarlab.checks import IntList, with_defaults
 from stellarlab.errors import ConfigError
-from stellarlab.models.base import SpectrumRegressor
+from stellarlab.models.base import Activation, SpectrumRegressor
 from stellarlab.models.base import activation as make_activation
-from stellarlab.models.mlp import dense_stack
+from stellarlab.models.mlp import Dropout, HiddenSizes, dense_stack
+
+BLOCK_LISTS = ("channels", "kernel_sizes", "pool_sizes")
 
 
 class CNNRegressor(SpectrumRegressor):
@@ -22,22 +26,17 @@ class CNNRegressor(SpectrumRegressor):
         self,
         n_pixels: int,
         label_names,
-        channels: Sequence[int] = (8, 16, 32),
-        kernel_sizes: Sequence[int] = (7, 7, 7),
-        pool_sizes: Sequence[int] = (4, 4, 4),
-        hidden_sizes: Sequence[int] = (128,),
-        activation: str = "gelu",
-        dropout: float = 0.0,
+        channels: Annotated[Sequence[int], IntList(allow_empty=False, example="model.channels=[8,16,32]")] = (8, 16, 32),
+        kernel_sizes: Annotated[Sequence[int], IntList(allow_empty=False, example="model.kernel_sizes=[7,7,7]")] = (7, 7, 7),
+        pool_sizes: Annotated[Sequence[int], IntList(allow_empty=False, example="model.pool_sizes=[4,4,4]")] = (4, 4, 4),
+        hidden_sizes: HiddenSizes = (128,),
+        activation: Activation = "gelu",
+        dropout: Dropout = 0.0,
         batch_norm: bool = True,
         **kwargs,
     ):
         super().__init__(n_pixels=n_pixels, label_names=label_names, **kwargs)
         channels, kernel_sizes, pool_sizes = list(channels), list(kernel_sizes), list(pool_sizes)
-        if not (len(channels) == len(kernel_sizes) == len(pool_sizes)) or not channels:
-            raise ConfigError(
-                f"model.channels, model.kernel_sizes and model.pool_sizes need one entry per conv block; got "
-                f"{len(channels)}, {len(kernel_sizes)} and {len(pool_sizes)}"
-            )
         blocks: list[nn.Module] = []
         c_in, length = 1, n_pixels
         for c, k, p in zip(channels, kernel_sizes, pool_sizes):
@@ -56,6 +55,17 @@ class CNNRegressor(SpectrumRegressor):
         head = dense_stack(c_in * length, list(hidden_sizes), self.n_outputs, activation, dropout, batch_norm=False)
         self.net = nn.Sequential(Unsqueeze(), *blocks, nn.Flatten(), head)
 
+    @classmethod
+    def check_together(cls, values: Mapping[str, Any]) -> None:
+        """One entry per conv block in each of the three lists (a list left out counts with its default)."""
+        given = with_defaults(cls, values)
+        lengths = {key: len(given[key]) for key in BLOCK_LISTS}
+        if len(set(lengths.values())) > 1:
+            raise ConfigError(
+                "model.channels, model.kernel_sizes and model.pool_sizes need one entry per conv block; got "
+                + ", ".join(f"{n} for model.{k}" for k, n in lengths.items())
+                + "; e.g. model.channels=[8,16,32] model.kernel_sizes=[7,7,7] model.pool_sizes=[4,4,4]"
+            )
 
 
 class Unsqueeze(nn.Module):

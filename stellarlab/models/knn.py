@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
+from stellarlab.checks import Choice, IntList
 from stellarlab.errors import ConfigError
-from stellarlab.models.base import masked_mse
-from stellarlab.models.ridge import ClosedFormRegressor, candidate_list, label_groups
+from stellarlab.models.closed_form import ClosedFormRegressor, candidate_list, label_groups
+from stellarlab.models.losses import masked_mse
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +49,17 @@ class KNNRegressor(ClosedFormRegressor):
 
     tuned = "k"
 
-    def __init__(self, n_pixels: int, label_names, k: int | Sequence[int] = 10, weights: str = "uniform", **kwargs):
+    def __init__(
+        self,
+        n_pixels: int,
+        label_names,
+        k: Annotated[int | Sequence[int], IntList(scalar_ok=True, allow_empty=False, example="model.k=[5,10,20]")] = 10,
+        weights: Annotated[str, Choice(*WEIGHTS)] = "uniform",
+        **kwargs,
+    ):
         super().__init__(n_pixels=n_pixels, label_names=label_names, **kwargs)
-        values = candidate_list(k, "k")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1 for v in values):
-            raise ConfigError(f"model.k must be positive integers, got {values}; e.g. model.k=[5,10,20]")
-        self.k_candidates = [int(v) for v in values]
-        if weights not in WEIGHTS:
-            raise ConfigError(f"model.weights must be one of {list(WEIGHTS)}, got '{weights}'")
-        self.weights = weights
+        self.k_candidates = [int(v) for v in candidate_list(k)]
+        self.weights = str(weights)
         n_labels = len(label_names)
         self.register_buffer("train_depth", torch.zeros(0, n_pixels))
         self.register_buffer("train_labels", torch.zeros(0, n_labels))

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 from torch import nn
 
-from stellarlab.errors import ConfigError
-from stellarlab.models.base import SpectrumRegressor, activation
+from stellarlab.checks import IntList, Number
+from stellarlab.models.base import Activation, SpectrumRegressor, activation
+
+#: Arguments the networks share, with their rules.
+HiddenSizes = Annotated[Sequence[int], IntList(example="model.hidden_sizes=[256,128]")]
+Dropout = Annotated[float, Number(minimum=0, below=1, example="model.dropout=0.1")]
 
 
 def dense_stack(n_in: int, hidden_sizes: Sequence[int], n_out: int, act: str, dropout: float, batch_norm: bool) -> nn.Sequential:
     """Linear -> [BatchNorm] -> activation -> [Dropout] per hidden layer, then a linear output layer."""
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
-    if any(int(h) < 1 for h in hidden_sizes):
-        raise ConfigError(f"model.hidden_sizes must be positive integers, got {list(hidden_sizes)}")
     layers: list[nn.Module] = []
     for width in hidden_sizes:
         layers.append(nn.Linear(n_in, int(width)))
@@ -34,9 +35,9 @@ class MLPRegressor(SpectrumRegressor):
         self,
         n_pixels: int,
         label_names,
-        hidden_sizes: Sequence[int] = (256, 128),
-        activation: str = "gelu",
-        dropout: float = 0.0,
+        hidden_sizes: HiddenSizes = (256, 128),
+        activation: Activation = "gelu",
+        dropout: Dropout = 0.0,
         batch_norm: bool = False,
         **kwargs,
     ):
