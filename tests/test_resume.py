@@ -350,3 +350,18 @@ def test_an_early_stop_decided_before_the_checkpoint_stays_decided():
     stopper.load_state_dict({"wait_count": 0, "stopped_epoch": 0, "best_score": torch.tensor(0.1), "patience": 0})
     resumed.on_train_start(trainer, None)  # patience 0, last epoch improved: go on
     assert not trainer.should_stop
+
+
+# -- last.ckpt is the end of the last epoch, not of the last best one --------------------------------
+@pytest.mark.slow
+def test_last_ckpt_is_written_at_the_end_of_every_epoch_even_without_a_new_best(tiny_cfg):
+    import train as train_script
+
+    # mode=max on a falling val/loss: the first epoch stays the "best", every later epoch is not
+    cfg = tiny_cfg(*RUN[len(TINY):], "trainer.max_epochs=3", "callbacks.model_checkpoint.mode=max",
+                   "~callbacks.early_stopping", "test=false")
+    train_script.train(cfg)
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 3 * STEPS_PER_EPOCH

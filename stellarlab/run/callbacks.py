@@ -1,6 +1,7 @@
 """Callbacks and the checkpoint plugin stellarlab adds to Lightning's.
 
 - `FigureLogger`: figures in TensorBoard and as PNG files in the run folder.
+- `ModelCheckpoint`: Lightning's, with `last.ckpt` written at the end of every epoch.
 - `ExactResume`: what Lightning's checkpoint lacks for a resumed run to repeat an uninterrupted one.
 - `GracefulStop`: SIGTERM, Ctrl-C or Slurm's requeue signal save `last.ckpt` before the run exits.
 - `AtomicCheckpointIO`: checkpoints are renamed into place, never half-written under their name.
@@ -91,6 +92,30 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
     if "mps" in states and torch.backends.mps.is_available():
         torch.mps.set_rng_state(states["mps"])
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with `last.ckpt` saved at the end of every epoch.
+
+    Lightning (2.x) writes `last.ckpt` only in an epoch that also saved a top-k checkpoint, so after a run
+    of epochs without a new best, `last.ckpt` lags behind and a hard kill loses all of them. Here it is
+    the end of the last finished epoch, always: a kill loses at most the epoch in progress.
+    """
+
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
 
 
 class ExactResume(pl.Callback):
