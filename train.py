@@ -41,24 +41,41 @@ register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one training job described by `cfg`; returns the summary also written to metrics.json."""
+    """Run one training job described by `cfg`; returns the summary also written to metrics.json.
+
+    SIGTERM, Ctrl-C and the requeue signal stop every phase cleanly (`GracefulStop`): in training after
+    the batch with `last.ckpt` saved, elsewhere at once; the run is then continued with `resume=`.
+    """
     from stellarlab.run.validation import validate_train_config
 
     validate_train_config(cfg)  # a value that cannot work: one line now, not a library traceback later
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from stellarlab.run.callbacks import GracefulStop, RunInterrupted
+
+    use_resume_folder(cfg)  # train(cfg) with resume= set; on the command line resume_argv has done it
+    output_dir = Path(cfg.paths.output_dir)
+    stop = GracefulStop(output_dir / "checkpoints")
+    try:
+        with stop.signals():
+            return _run(cfg, output_dir, stop)
+    except (SIGTERMException, RunInterrupted):
+        stop.exit(output_dir)  # exits 128 + signal, or hands over to the launcher's requeue handler
+        raise  # pragma: no cover - exit() always raises
+
+
+def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from stellarlab.models.base import EPOCHS_METRIC
     from stellarlab.results.evaluation import test_model
     from stellarlab.results.hparams import log_final_metrics, log_hyperparameters
     from stellarlab.results.summary import run_fields, train_summary, write_summary
     from stellarlab.run.allocator import keep_freed_blocks
-    from stellarlab.run.callbacks import ExactResume, GracefulStop
+    from stellarlab.run.callbacks import ExactResume
     from stellarlab.run.devices import check_trainer_config
 
-    use_resume_folder(cfg)  # train(cfg) with resume= set; on the command line resume_argv has done it
-    output_dir = Path(cfg.paths.output_dir)
     device = check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -67,6 +84,7 @@ def train(cfg: DictConfig) -> dict:
         pl.seed_everything(int(cfg.seed), workers=True)
 
     log.info("run folder: %s", output_dir)
+    stop.phase = "preparing the data"
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -80,20 +98,18 @@ def train(cfg: DictConfig) -> dict:
     resumed_from = resume_point(output_dir)  # an interrupted (or requeued) run continues from its last.ckpt
     loggers = instantiate_group(tensorboard_continuing(cfg.get("logger"), resumed_from))
     # Always on, whatever the callbacks group says: a run must stay resumable.
-    stop = GracefulStop(output_dir / "checkpoints")
     callbacks = [*instantiate_group(cfg.get("callbacks")), ExactResume(), stop]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hyperparameters(trainer.loggers, cfg, model.n_parameters, datamodule.label_names)
 
     start = time.perf_counter()
-    try:
-        with stop.signals():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resumed_from and resumed_from["checkpoint"])
-    except SIGTERMException:
-        stop.exit(output_dir)  # exits 128 + signal, or hands over to the launcher's requeue handler
+    stop.phase = "starting to train"
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resumed_from and resumed_from["checkpoint"])
     train_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     epochs = int(fit_metrics.pop(EPOCHS_METRIC, trainer.current_epoch))
+    if resumed_from is not None and trainer.global_step == resumed_from["global_step"]:
+        log.info("training was already complete in %s: going on with the test", resumed_from["checkpoint"])
     if cfg.optimized_metric not in fit_metrics:
         raise ConfigError(
             f"optimized_metric={cfg.optimized_metric} was never logged; logged metrics: {sorted(fit_metrics)}"
@@ -103,10 +119,8 @@ def train(cfg: DictConfig) -> dict:
     best_val_loss = model.best_val_loss  # before the test loads the best checkpoint into the model
     tested = None
     if cfg.get("test") and len(datamodule.split_index["test"]):
-        try:
-            tested = test_model(trainer, model, datamodule, cfg, ckpt_path=checkpoint)
-        except SIGTERMException:
-            stop.exit(output_dir)
+        tested = test_model(trainer, model, datamodule, cfg, ckpt_path=checkpoint)
+    stop.phase = "writing the results"
     run = run_fields(output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
                      model.n_parameters)
     summary = train_summary(

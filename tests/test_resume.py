@@ -365,3 +365,45 @@ def test_last_ckpt_is_written_at_the_end_of_every_epoch_even_without_a_new_best(
     assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
     last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 2 and last["global_step"] == 3 * STEPS_PER_EPOCH
+
+
+# -- stopped after training: the test, the bound, the reports --------------------------------------------
+class StopIn(pl.Callback):
+    """Test helper: sends this process the signal `sig` when `hook` runs (e.g. on_test_start), once per marker."""
+
+    def __init__(self, hook: str, sig: str, marker: str):
+        self.signum = getattr(signal, sig)
+        self.marker = Path(marker)
+        setattr(self, hook, self._fire)
+
+    def _fire(self, *args, **kwargs) -> None:
+        if not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), self.signum)
+            time.sleep(5)  # the handler raises before this ends
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_stopped_during_the_test_resumes_straight_to_the_test(tmp_path, cache, sig):
+    """Killed after the last epoch: the resumed run trains nothing and finishes the test, bound and reports."""
+    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_test_start",
+               f"+callbacks.stop.sig={sig}", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    first = resume(*RUN, "trainer.max_epochs=2", f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache}", *stopper)
+    expected = {"SIGTERM": 143, "SIGINT": 130, "SIGKILL": -9}[sig]
+    assert first.returncode == expected, first.stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    assert not (run_dir / "metrics.json").exists()
+    if sig != "SIGKILL":
+        assert "Traceback" not in first.stderr
+        assert first.stderr.strip().splitlines()[-1] == f"interrupted: stopped by {sig}; resume with: python train.py resume={run_dir}"
+        assert not (run_dir / LOCK_FILE).exists()
+
+    resumed = resume("resume=last", f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = metrics(run_dir)
+    assert summary["status"] == "ok" and summary["epochs"] == 2 and summary["test"]["teff"]["n"] > 0
+    assert summary["resumed_from"]["global_step"] == 2 * STEPS_PER_EPOCH
+    assert summary["best_value"] == pytest.approx(summary["best_val_loss"])
+    assert "training was already complete" in (run_dir / "train.log").read_text()

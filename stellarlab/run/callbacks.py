@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,19 +132,32 @@ class ExactResume(pl.Callback):
       events in memory, which a killed process loses although its checkpoint is on disk.
     - An early stop decided before the checkpoint stays decided: Lightning does not save
       `trainer.should_stop`, so a resumed run would otherwise train one more epoch.
+    - The metrics the last epoch logged: a run killed after its last epoch (during the test, the bound,
+      the reports) resumes with no epoch to train, and goes straight on with the values its
+      checkpoint holds.
     """
-
-    def state_dict(self) -> dict:
-        return {"rng": rng_states()}
 
     def __init__(self):
         self.restored = False
+        self.restored_metrics: dict[str, float] = {}
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        metrics = {}
+        if self._trainer is not None:  # what the epoch logged: a resumed run with nothing left to train needs it
+            metrics = {k: float(v) for k, v in self._trainer.callback_metrics.items()
+                       if not k.startswith("stellarlab/") and getattr(v, "numel", lambda: 1)() == 1}
+        return {"rng": rng_states(), "metrics": metrics}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # called while fit() restores the checkpoint, before the train data iterator exists
         self.restored = True
         if "rng" in state_dict:
             set_rng_states(state_dict["rng"])
+        self.restored_metrics = dict(state_dict.get("metrics") or {})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.restored:
@@ -156,16 +170,34 @@ class ExactResume(pl.Callback):
         for logger in trainer.loggers:
             logger.save()
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed after its last epoch trains nothing and logs nothing: give it the checkpoint's metrics."""
+        for key, value in self.restored_metrics.items():
+            if key not in trainer.callback_metrics:
+                trainer.callback_metrics[key] = torch.tensor(value)
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM, Ctrl-C or the requeue signal outside the training loop (preparing data, testing, the bound,
+    reports): nothing there is worth saving, so the run stops at once. A BaseException, so that no
+    `except Exception` on the way swallows it (Lightning turns a KeyboardInterrupt in `test` into exit 1)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 class GracefulStop(pl.Callback):
-    """SIGTERM (Slurm preemption, scancel, kill), Ctrl-C, or the requeue signal: save `last.ckpt`, then stop.
+    """SIGTERM (Slurm preemption, scancel, kill), Ctrl-C, or the requeue signal: stop cleanly in every phase.
 
-    Lightning turns SIGTERM into `SIGTERMException` once the current batch is done, a point where the
-    state is consistent; this callback saves `<dirpath>/last.ckpt` there. Ctrl-C and the requeue signal
-    (`SUBMITIT_PREEMPT_SIGNAL`, USR2 by default: what submitit asks Slurm to send before the time limit
-    or on preemption) are routed the same way while `signals()` is active. Afterwards `exit()` ends
-    the process with 128 + the signal's number, or hands over to the launcher's requeue handler.
-    A second Ctrl-C stops at once without saving.
+    In the training loop Lightning turns SIGTERM into `SIGTERMException` once the current batch is done, a
+    point where the state is consistent; this callback saves `<dirpath>/last.ckpt` there. Ctrl-C and the
+    requeue signal (`SUBMITIT_PREEMPT_SIGNAL`, USR2 by default: what submitit asks Slurm to send before the
+    time limit or on preemption) are routed the same way while `signals()` is active. Outside the training
+    loop every one of them raises `RunInterrupted` at once: the last finished epoch is in `last.ckpt`
+    already, and a resumed run goes on from there (straight to the test when training was complete).
+    `exit()` ends the process with 128 + the signal's number, or hands over to the launcher's requeue
+    handler. A second Ctrl-C in training stops at once without saving.
     """
 
     def __init__(self, dirpath: str | Path, requeue_signal: str | None = None):
@@ -175,6 +207,7 @@ class GracefulStop(pl.Callback):
         self.signum: int | None = None  # the signal that stopped the run
         self.checkpoint_path: Path | None = None
         self.where = ""
+        self.phase = "starting"
         self._training = False
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
@@ -182,13 +215,14 @@ class GracefulStop(pl.Callback):
     def __getstate__(self) -> dict:  # ddp_spawn pickles callbacks; signal handlers stay with this process
         return {**self.__dict__, "_previous": {}}
 
-    # -- signal handling around trainer.fit --------------------------------------------------------
+    # -- signal handling around the whole run ------------------------------------------------------
     @contextlib.contextmanager
     def signals(self) -> Iterator[GracefulStop]:
-        """Route Ctrl-C and the requeue signal to Lightning's SIGTERM handling while fitting."""
+        """Handle SIGTERM, Ctrl-C and the requeue signal while the block runs (Lightning's own SIGTERM
+        handler, installed inside fit and test, calls this one too)."""
         import threading
 
-        mine = [s for s in (signal.SIGINT, self.requeue_signal) if s is not None]
+        mine = [s for s in (signal.SIGINT, signal.SIGTERM, self.requeue_signal) if s is not None]
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -204,28 +238,43 @@ class GracefulStop(pl.Callback):
     def _on_signal(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process handles it
             return
-        if not self._training or self.signum is not None:  # not in the training loop, or asked twice: as before
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)  # Ctrl-C: KeyboardInterrupt; submitit's handler: requeue without a new checkpoint
-            elif previous != signal.SIG_IGN:  # the default action (USR2: terminate)
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+        if self._training:
+            if signum == signal.SIGTERM:  # Lightning's handler, which called this one, stops after the batch
+                self.signum = self.signum or signum
+                return
+            if self.signum is not None:  # asked twice: at once, without saving, as Ctrl-C always did
+                previous = self._previous.get(signum)
+                if callable(previous):
+                    previous(signum, frame)  # Ctrl-C: KeyboardInterrupt; submitit's handler: requeue
+                return
+            self.signum = signum
+            log.warning(
+                "%s: saving a checkpoint at the end of this batch, then stopping%s",
+                signal.Signals(signum).name,
+                " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else "",
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler raises SIGTERMException after the batch
             return
+        if self.signum is not None and signum == signal.SIGTERM:
+            return  # the SIGTERM this handler sent itself, arriving after training ended
         self.signum = signum
-        log.warning(
-            "%s: saving a checkpoint at the end of this batch, then stopping%s",
-            signal.Signals(signum).name,
-            " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else "",
-        )
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler raises SIGTERMException after the batch
+        self.where = self.where or self.phase
+        raise RunInterrupted(signum)
 
     # -- Lightning hooks -------------------------------------------------------------------------------
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.phase = "the sanity check"
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = True
+        self.phase = "training"
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = False
+        self.phase = "after training"
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.phase = "the test"
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._training = False
@@ -239,18 +288,27 @@ class GracefulStop(pl.Callback):
         trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint_path = path
 
-    # -- after trainer.fit raised SIGTERMException ---------------------------------------------------
+    # -- after SIGTERMException or RunInterrupted ------------------------------------------------------
     def exit(self, run_dir: str | Path) -> None:
         """Log what was saved and how to resume; exit 128 + signal, or let the launcher requeue the job."""
         signum = self.signum or signal.SIGTERM
         name = signal.Signals(signum).name
+        last = self.dirpath / "last.ckpt"
         if self.checkpoint_path is not None:
             log.warning(
                 "stopped by %s at %s; saved %s. Resume with: python train.py resume=%s",
                 name, self.where, self.checkpoint_path, run_dir,
             )
+        elif last.is_file():
+            log.warning(
+                "stopped by %s during %s; %s holds the last finished epoch. Resume with: python train.py resume=%s",
+                name, self.where or self.phase, last, run_dir,
+            )
         else:
-            log.warning("stopped by %s outside training (%s); checkpoints in %s are as they were", name, self.where or "-", self.dirpath)
+            log.warning("stopped by %s during %s, before a first epoch ended: nothing to resume; start the run again",
+                        name, self.where or self.phase)
+        print(f"interrupted: stopped by {name}" + (f"; resume with: python train.py resume={run_dir}" if last.is_file() else ""),
+              file=sys.stderr)
         previous = self._previous.get(signum)
         if signum == self.requeue_signal and callable(previous):
             log.info("handing over to the launcher's %s handler (requeue)", name)
