@@ -262,11 +262,15 @@ def _rules_of(hint: Any) -> list[Rule]:
 
 
 def argument_rules(target: Any) -> dict[str, list[Rule]]:
-    """{argument: its rules} from the `__init__` annotations along the class's bases (a subclass's own first)."""
+    """{argument: its rules} from the `__init__` annotations along the class's bases.
+
+    The nearest class that gives an argument a marker decides; one that re-declares the argument without
+    a marker (to convert it before passing it on) keeps its base's rules.
+    """
     rules: dict[str, list[Rule]] = {}
     for init in _init_chain(target):
         for name, hint in _hints(init).items():
-            if name != "return" and name not in rules:
+            if name != "return" and not rules.get(name):
                 rules[name] = _rules_of(hint)
     return rules
 
