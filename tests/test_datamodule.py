@@ -91,12 +91,14 @@ def test_a_label_that_does_not_exist_is_named():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"batch_size": "abc"}, r"data.batch_size must be an integer >= 1, got 'abc'"),
-        ({"batch_size": 0}, r"data.batch_size must be an integer >= 1, got 0"),
-        ({"batch_size": 2.5}, r"data.batch_size must be an integer >= 1, got 2.5"),
-        ({"eval_batch_size": -1}, r"data.eval_batch_size must be an integer >= 1, got -1"),
-        ({"num_workers": None}, r"data.num_workers must be an integer >= 0, got None"),
-        ({"num_workers": True}, r"data.num_workers must be an integer >= 0, got True"),
+        ({"batch_size": "abc"}, r"data\.batch_size=abc is not valid: it must be an integer >= 1; e\.g\. data\.batch_size=128"),
+        ({"batch_size": 0}, r"data\.batch_size=0 is not valid: it must be an integer >= 1"),
+        ({"batch_size": 2.5}, r"data\.batch_size=2\.5 is not valid: it must be an integer >= 1"),
+        ({"eval_batch_size": -1}, r"data\.eval_batch_size=-1 is not valid: it must be an integer >= 1 or null"),
+        ({"num_workers": None}, r"data\.num_workers=null is not valid: it must be an integer >= 0"),
+        ({"num_workers": True}, r"data\.num_workers=true is not valid: it must be an integer >= 0"),
+        ({"labels": []}, r"data\.labels=\[\] is not valid: name one or more labels"),
+        ({"split": [0.5, 0.5]}, r"data\.split=\[0\.5,0\.5\] is not valid: it must have 3 entries"),
     ],
 )
 def test_batch_sizes_and_workers_built_in_code_are_checked_like_the_config(kwargs, message):

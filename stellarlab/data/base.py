@@ -8,11 +8,10 @@ Two ways to hold the spectra (`in_memory`):
 - in memory: every split is copied once into native float32 tensors; a batch is one index op.
 - streaming: the flux stays in its memory-mapped `.npy` file and each batch reads only its rows
   (`RowReader`), so training on a cache larger than RAM needs the memory of a few batches. Rows are
-  read with positional reads (`os.preadv`) into fresh buffers, not through the mapping: pages that
-  a mapping touched count in the process's resident memory until the kernel drops them (300 random
-  128-row batches indexed from a 690 MB np.memmap left 650 MB resident; the same reads with pread
-  left none: the page cache behind them is not the process's memory). `in_memory=auto` streams
-  memory-mapped data whose flux + weight exceed `in_memory_max_gb`.
+  read with positional reads (`os.preadv`) into fresh buffers, not through the mapping: pages a
+  mapping touched count in the process's resident memory until the kernel drops them, while the page
+  cache behind a read is not the process's memory. `in_memory=auto` streams memory-mapped data
+  whose flux + weight exceed `in_memory_max_gb`.
 
 Either way `datamodule.tensors[split]` (also `split_arrays(split)`) holds `flux`, `weight`, `labels`
 (standardised), `labels_phys` and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
@@ -24,15 +23,17 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stellarlab.data.split import split_by_star
+from stellarlab.checks import NameList, Number, Switch, check_call
+from stellarlab.data.split import PlannedSize, SplitSizes, split_by_star
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.labels import LabelScaler
 
@@ -43,6 +44,7 @@ BATCH_KEYS = ("flux", "labels")  # what a training/eval batch holds
 EVAL_INDEX_KEY = "index"  # val/test batches also carry their rows' positions in the split (exact DDP metrics)
 PIXEL_KEYS = ("flux", "weight")  # the (N, P) arrays; everything else per spectrum is small and kept in RAM
 SCAN_BLOCK_BYTES = 1 << 24  # rows read per step of the bad-pixel scan and of copies: 16 MB
+EVAL_BATCH_SIZE = Number(minimum=1, integer=True, allow_null=True, example="data.eval_batch_size=512")  # null: batch_size
 
 
 @dataclass
@@ -221,8 +223,7 @@ class SplitRows:
 
 
 def _gather(t: torch.Tensor | SplitRows, index: torch.Tensor) -> torch.Tensor:
-    """Rows `index` of `t`. CPU tensors go through np.take: one memcpy per row, single-threaded; torch's
-    index kernel is 2x slower on one thread and ~10x slower when its threads compete with other processes."""
+    """Rows `index` of `t`. CPU tensors go through np.take, one memcpy per row: torch's index kernel is slower."""
     if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad:
         return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=0))
     return t[index]
@@ -264,30 +265,30 @@ def keep_batch(batch):
 
 
 class SpectraDataModule(pl.LightningDataModule):
-    """Base DataModule. Subclasses implement `load_arrays()` (and `prepare_data()` for downloads/caches)."""
+    """Base DataModule. Subclasses implement `load_arrays()` (and `prepare_data()` for downloads/caches).
+
+    Arguments state their rules in their annotations, a subclass's too (`stellarlab.checks`): `__new__`
+    applies them to each call, `validate_train_config` to the config."""
+
+    def __new__(cls, *args, **kwargs):
+        check_call(cls, args, kwargs, "data")
+        return super().__new__(cls)
 
     def __init__(
         self,
-        labels: Sequence[str] = ("teff", "logg", "fe_h"),
-        split: Sequence[float | int] = (0.8, 0.1, 0.1),
-        split_seed: int = 42,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | str = "auto",
-        device_resident: bool | str = "auto",
-        device_resident_max_gb: float = 4.0,
-        in_memory: bool | str = "auto",
-        in_memory_max_gb: float = 1.0,
+        labels: Annotated[Sequence[str], NameList(example="data.labels=[teff,logg,fe_h]")] = ("teff", "logg", "fe_h"),
+        split: Annotated[Sequence[float | int], SplitSizes()] = (0.8, 0.1, 0.1),
+        split_seed: Annotated[int, Number(minimum=0, integer=True, example="data.split_seed=42")] = 42,
+        batch_size: Annotated[int, Number(minimum=1, integer=True, example="data.batch_size=128")] = 128,
+        eval_batch_size: Annotated[int | None, EVAL_BATCH_SIZE] = None,
+        num_workers: Annotated[int, Number(minimum=0, integer=True, example="data.num_workers=0")] = 0,
+        pin_memory: Annotated[bool | str, Switch()] = "auto",
+        device_resident: Annotated[bool | str, Switch()] = "auto",
+        device_resident_max_gb: Annotated[float, Number(minimum=0, example="data.device_resident_max_gb=4")] = 4.0,
+        in_memory: Annotated[bool | str, Switch()] = "auto",
+        in_memory_max_gb: Annotated[float, Number(minimum=0, example="data.in_memory_max_gb=1")] = 1.0,
     ):
         super().__init__()
-        if not labels:
-            raise ConfigError("data.labels is empty: name at least one label, e.g. data.labels=[teff,logg,fe_h]")
-        for name, value, minimum in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
-            if value is None and name == "eval_batch_size":
-                continue  # the training batch size
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ConfigError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
         self.label_names = [str(n) for n in labels]
         self.split = list(split)
         self.split_seed = int(split_seed)
@@ -295,14 +296,8 @@ class SpectraDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
-        if device_resident not in ("auto", True, False):
-            raise ConfigError(f"data.device_resident must be auto, true or false, got {device_resident!r}")
         self.device_resident = device_resident
         self.device_resident_max_gb = float(device_resident_max_gb)
-        if in_memory not in ("auto", True, False):
-            raise ConfigError(f"data.in_memory must be auto, true or false, got {in_memory!r}")
-        if in_memory_max_gb is None or not float(in_memory_max_gb) >= 0:
-            raise ConfigError(f"data.in_memory_max_gb must be a number >= 0, got {in_memory_max_gb}")
         self.in_memory = in_memory
         self.in_memory_max_gb = float(in_memory_max_gb)
         self.streaming = False  # decided in setup: True when flux/weight are read from their file per batch
@@ -311,6 +306,11 @@ class SpectraDataModule(pl.LightningDataModule):
         self.split_index: dict[str, np.ndarray] = {}
         self.tensors: dict[str, dict[str, torch.Tensor | SplitRows]] = {}
         self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def planned_size(cls, values: Mapping[str, Any]) -> PlannedSize | None:
+        """The survey's size from its arguments (None: known once read): the config check tests split and batch on it."""
+        return None
 
     # -- what a survey provides -------------------------------------------------------------
     def load_arrays(self) -> SpectraArrays:

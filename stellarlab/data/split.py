@@ -7,11 +7,55 @@ their own seed, so a sweep over model seeds keeps the same test stars.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from stellarlab.checks import Rule, _is_number, _show
 from stellarlab.errors import ConfigError
+
+
+class PlannedSize(NamedTuple):
+    """What the split will divide, when a survey knows it from its arguments (`SpectraDataModule.planned_size`)."""
+
+    stars: int
+    spectra_per_star: int
+    key: str  # the argument that sets `stars`, for messages (e.g. data.n_stars)
+
+
+def split_problem(split: Any) -> str | None:
+    """Why `split` is not three fractions summing to 1 or three star counts (train and val non-empty), or None."""
+    if not isinstance(split, (list, tuple)) or len(split) != 3:
+        return "it must have 3 entries (train, val, test)"
+    if not all(_is_number(s) and math.isfinite(s) and s >= 0 for s in split):
+        return "its entries must be numbers >= 0"
+    if any(s > 1 for s in split):
+        if not all(float(s).is_integer() for s in split):
+            return "give three star counts (integers) or three fractions summing to 1"
+        if split[0] < 1 or split[1] < 1:
+            return "the training and validation sets need at least one star each"
+        return None
+    total = sum(split)
+    if abs(total - 1.0) > 1e-6:
+        return f"the fractions sum to {total:.6g}, not 1"
+    if split[0] <= 0 or split[1] <= 0:
+        return "the training and validation fractions must both be > 0"
+    return None
+
+
+class SplitSizes(Rule):
+    """`data.split`: three fractions summing to 1, or three star counts; whether the data have that many stars is
+    known only once they are loaded (`resolve_split_sizes`)."""
+
+    def check(self, key: str, value: Any) -> None:
+        problem = split_problem(value)
+        if problem:
+            raise ConfigError(
+                f"{key}={_show(value)} is not valid: {problem}; e.g. {key}=[0.8,0.1,0.1] "
+                f"or star counts such as {key}=[1024,256,512]"
+            )
 
 
 def resolve_split_sizes(sizes: Sequence[float | int], n_stars: int) -> tuple[int, int, int]:

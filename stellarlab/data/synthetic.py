@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, ClassVar
 
+from stellarlab.checks import Choice, Number, _is_number, _show, check_number, with_defaults
 from stellarlab.data.base import SpectraArrays, SpectraDataModule
+from stellarlab.data.split import PlannedSize
 from stellarlab.errors import ConfigError
+from stellarlab.synthetic import LABEL_NAMES
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _integer(key: str, value, minimum: int) -> int:
-    """`value` as an int >= minimum, or a ConfigError naming the key (not int()'s ValueError)."""
-    if not (_is_number(value) and math.isfinite(value) and float(value).is_integer() and value >= minimum):
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value}")
-    return int(value)
+def _plain_snr(snr: Any) -> Any:
+    """A range as a list (a tuple or an OmegaConf list from Hydra), a single value as it is."""
+    return list(snr) if isinstance(snr, Sequence) and not isinstance(snr, str) else snr
 
 
 class SyntheticDataModule(SpectraDataModule):
@@ -28,42 +25,56 @@ class SyntheticDataModule(SpectraDataModule):
 
     def __init__(
         self,
-        survey: str = "apogee",
-        n_stars: int = 8000,
-        snr: float | Sequence[float] = 100.0,
-        spectra_per_star: int = 1,
+        survey: Annotated[str, Choice("apogee", "galah")] = "apogee",
+        n_stars: Annotated[int, Number(minimum=1, integer=True, example="data.n_stars=8000")] = 8000,
+        snr: float | Sequence[float] = 100.0,  # checked in check_together: a number or a range
+        spectra_per_star: Annotated[int, Number(minimum=1, integer=True, example="data.spectra_per_star=1")] = 1,
         gap_deleted: bool = False,
-        seed: int = 1,
+        seed: Annotated[int, Number(minimum=0, integer=True, example="data.seed=1")] = 1,
         cache_dir: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if survey not in ("apogee", "galah"):
-            raise ConfigError(f"data.survey={survey} is unknown; valid: apogee, galah (or use data=synthetic_galah)")
-        if _is_number(snr):
-            snr_value = float(snr)
-            if not (snr_value > 0 and math.isfinite(snr_value)):
-                raise ConfigError(f"data.snr must be > 0, got {snr}; e.g. data.snr=100")
-        else:
-            pair = list(snr) if isinstance(snr, Sequence) and not isinstance(snr, str) else []
-            if not (len(pair) == 2 and all(_is_number(s) and 0 < s < math.inf for s in pair) and pair[0] <= pair[1]):
-                raise ConfigError(
-                    f"data.snr must be a number > 0 or a range [low, high] with 0 < low <= high, got {snr}; "
-                    "e.g. data.snr=[30,200]"
-                )
-            snr_value = (float(pair[0]), float(pair[1]))
-        if gap_deleted and survey != "apogee":
-            raise ConfigError("data.gap_deleted applies to the APOGEE grid only; set it false for survey=galah")
+        snr = _plain_snr(snr)
         self.survey_params = dict(
-            survey=survey,
-            n_stars=_integer("data.n_stars", n_stars, 1),
-            snr=snr_value,
-            spectra_per_star=_integer("data.spectra_per_star", spectra_per_star, 1),
+            survey=str(survey),
+            n_stars=int(n_stars),
+            snr=tuple(float(s) for s in snr) if isinstance(snr, (list, tuple)) else float(snr),
+            spectra_per_star=int(spectra_per_star),
             gap_deleted=bool(gap_deleted),
-            seed=_integer("data.seed", seed, 0),
+            seed=int(seed),
             cache_dir=cache_dir,
         )
         self._survey = None
+
+    @classmethod
+    def check_together(cls, values: Mapping[str, Any]) -> None:
+        """The SNR (one value, or a range drawn from), the grid the gaps belong to, the labels the survey has."""
+        if "snr" in values:
+            snr = _plain_snr(values["snr"])
+            if isinstance(snr, (list, tuple)):
+                if not (len(snr) == 2 and all(_is_number(s) and math.isfinite(s) and s > 0 for s in snr) and snr[0] <= snr[1]):
+                    raise ConfigError(
+                        f"data.snr={_show(snr)} is not valid: a range must be [low, high] with 0 < low <= high; "
+                        "e.g. data.snr=[30,200]"
+                    )
+            else:
+                check_number("data.snr", snr, "data.snr=100 or a range data.snr=[30,200]", above=0)
+        given = with_defaults(cls, values)
+        if given["gap_deleted"] and given["survey"] != "apogee":
+            raise ConfigError("data.gap_deleted applies to the APOGEE grid only; set it false for survey=galah")
+        unknown = [n for n in given["labels"] if n not in LABEL_NAMES]
+        if unknown:
+            raise ConfigError(
+                f"data.labels={_show(list(given['labels']))}: the synthetic survey has no label {', '.join(unknown)}; "
+                f"its labels are {', '.join(LABEL_NAMES)}"
+            )
+
+    @classmethod
+    def planned_size(cls, values: Mapping[str, Any]) -> PlannedSize:
+        """The survey has exactly `n_stars` stars, `spectra_per_star` spectra each."""
+        given = with_defaults(cls, values)
+        return PlannedSize(int(given["n_stars"]), int(given["spectra_per_star"]), "data.n_stars")
 
     def synthetic_survey(self):
         """The `SyntheticSurvey` behind the data (generated, or read from its cache, once): the truth that
