@@ -53,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict:
     import torch
 
     from stellarlab.results.evaluation import test_model
+    from stellarlab.results.hparams import run_tags
     from stellarlab.results.prediction import load_model
     from stellarlab.results.summary import eval_summary, run_fields, write_summary
     from stellarlab.run.allocator import keep_freed_blocks
@@ -77,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError("the test split is empty; give data.split a test part")
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     run = run_fields(cfg.paths.output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
-                     model.n_parameters)
+                     model.n_parameters, run_tags(cfg))
     summary = eval_summary(run, cfg.ckpt_path, test_model(trainer, model, datamodule, cfg))
     log.info("wrote %s", write_summary(cfg.paths.output_dir, summary))
     return summary

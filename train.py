@@ -70,7 +70,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
 
     from stellarlab.models.base import EPOCHS_METRIC
     from stellarlab.results.evaluation import test_model
-    from stellarlab.results.hparams import log_final_metrics, log_hyperparameters
+    from stellarlab.results.hparams import log_final_metrics, log_hyperparameters, run_tags
     from stellarlab.results.summary import run_fields, train_summary, write_summary
     from stellarlab.run.allocator import keep_freed_blocks
     from stellarlab.run.callbacks import ExactResume
@@ -122,7 +122,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
         tested = test_model(trainer, model, datamodule, cfg, ckpt_path=checkpoint)
     stop.phase = "writing the results"
     run = run_fields(output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
-                     model.n_parameters)
+                     model.n_parameters, run_tags(cfg))
     summary = train_summary(
         run,
         optimized_metric=cfg.optimized_metric,

@@ -124,3 +124,16 @@ def test_no_runs_is_a_clear_error_with_exit_code_2(tmp_path):
         main([str(tmp_path / "missing")])
     assert stopped.value.code == 2
     assert not list(tmp_path.rglob("comparison.*"))
+
+
+@pytest.mark.parametrize("rmse", [None, "abc", [1, 2]])
+def test_a_metrics_json_with_a_value_that_is_no_number_is_listed_not_a_crash(sweep, rmse):
+    bad = _ok_summary(30.0, 1000)
+    bad["test"]["teff"]["rmse"] = rmse
+    _job(sweep, "11", [*COMMON, "model=mlp", "seed=2"], bad)
+    compare(sweep)
+    rows = {r["run"]: r for r in csv.DictReader((sweep / "comparison.csv").open())}
+    assert rows["11"]["status"] == "incomplete"
+    shown = "null" if rmse is None else repr(rmse)
+    assert rows["11"]["error"] == f"metrics.json unusable: test.teff.rmse is {shown}, not a number"
+    assert rows["10"]["status"] == "ok"  # the good runs are still compared

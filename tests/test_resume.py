@@ -17,6 +17,7 @@ import torch
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext
 
+import train as train_script
 from stellarlab.errors import ConfigError
 from stellarlab.run.resume import LOCK_FILE, resume_argv
 from tests.conftest import CONF_DIR, ROOT, TINY, compose_config
@@ -303,6 +304,16 @@ def test_resume_refuses_what_cannot_be_resumed_and_says_why(tmp_path):
         other.kill()
         other.wait()
     assert resume_argv([f"resume={run_dir}"], CONF_DIR)[-1] == f"hydra.run.dir='{run_dir}'"  # its process is gone
+    (run_dir / LOCK_FILE).write_text('{"pid": "abc", "host": "x"}')  # a lock file that is not ours to read
+    assert resume_argv([f"resume={run_dir}"], CONF_DIR)[-1] == f"hydra.run.dir='{run_dir}'"
+    (run_dir / LOCK_FILE).write_text("[1, 2]")
+    assert resume_argv([f"resume={run_dir}"], CONF_DIR)[-1] == f"hydra.run.dir='{run_dir}'"
+    # resume= with no value is a mistake, not "start a new run"; resume=null is how to say that
+    with pytest.raises(ConfigError, match=r"resume= is empty; give resume=last .*resume=<run folder>"):
+        resume_argv(["resume=", f"paths.log_dir={tmp_path}"], CONF_DIR)
+    with pytest.raises(ConfigError, match=r"resume= is empty"):
+        train_script.train(compose_config(["resume=''"], tmp_path=tmp_path / "api"))
+    assert resume_argv(["resume=null", "seed=1"], CONF_DIR) == ["resume=null", "seed=1"]
 
 
 def test_resume_error_on_the_command_line_is_one_line_and_exit_2(tmp_path):

@@ -56,10 +56,11 @@ def test_same_seed_same_metrics_and_other_seed_differs(tiny_cfg):
 
 
 def test_run_folder_holds_metrics_checkpoints_and_tensorboard(tiny_cfg):
-    cfg = tiny_cfg("model=linear", "trainer.max_epochs=4")
+    cfg = tiny_cfg("model=linear", "trainer.max_epochs=4", "tags=[baseline,night-2]")
     _, metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     assert set(metrics["test"]) == set(LABELS)
+    assert metrics["tags"] == ["baseline", "night-2"]
     assert metrics["split_sizes"] == {"train": 420, "val": 90, "test": 90}
     assert (out / "checkpoints" / "last.ckpt").exists()
     assert Path(metrics["best_checkpoint"]).exists()
@@ -80,6 +81,7 @@ def test_run_folder_holds_metrics_checkpoints_and_tensorboard(tiny_cfg):
     hparams = acc.summary_metadata["_hparams_/session_start_info"]
     assert hparams.plugin_data.plugin_name == "hparams"
     assert b"optimizer/lr" in hparams.plugin_data.content and b"model/name" in hparams.plugin_data.content
+    assert b"baseline,night-2" in hparams.plugin_data.content  # the tags, as one HPARAMS column
     experiment = acc.summary_metadata["_hparams_/experiment"].plugin_data.content
     assert b"test/rmse_teff" in experiment and b"val/loss_best" in experiment
     final = acc.Scalars("test/rmse_teff")[-1].value

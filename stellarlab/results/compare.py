@@ -27,7 +27,7 @@ from stellarlab.files import atomic_path, write_text_atomic
 from stellarlab.metrics import METRIC_NAMES
 from stellarlab.results.hparams import TRAIN_SECONDS, metric_tag, summary_metrics
 from stellarlab.results.reports import format_value
-from stellarlab.results.summary import METRICS_FILE, read_summary
+from stellarlab.results.summary import METRICS_FILE, read_summary, summary_problem
 
 log = logging.getLogger("stellarlab.compare")
 OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png")
@@ -73,6 +73,9 @@ def collect_runs(folder: str | Path) -> list[dict]:
                 if (run_dir / METRICS_FILE).exists()
                 else "no metrics.json: the job was killed, crashed hard or is still running"
             )
+            summary = {}
+        elif summary_problem(summary):
+            status, error = "incomplete", f"metrics.json unusable: {summary_problem(summary)}"
             summary = {}
         else:
             status = summary.get("status") or ("ok" if "best_value" in summary else "incomplete")

@@ -30,6 +30,16 @@ def _flatten(prefix: str, node, out: dict) -> None:
         out[prefix] = str(node)
 
 
+def run_tags(cfg) -> list[str]:
+    """`tags` of the config as a list of strings (a single tag may be given as a plain string)."""
+    tags = cfg.get("tags")
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        return [tags]
+    return [str(tag) for tag in OmegaConf.to_container(tags, resolve=True)] if OmegaConf.is_list(tags) else [str(tags)]
+
+
 def hparams_from_config(cfg: DictConfig, n_parameters: int) -> dict:
     """Flat {'model/hidden_sizes': '[256, 128]', 'optimizer/lr': 0.001, ...} of the settings that define a run."""
     out: dict = {}
@@ -41,6 +51,7 @@ def hparams_from_config(cfg: DictConfig, n_parameters: int) -> dict:
     out["trainer/max_epochs"] = cfg.trainer.get("max_epochs")
     out["trainer/precision"] = str(cfg.trainer.get("precision"))
     out["seed"] = "none" if cfg.get("seed") is None else cfg.seed
+    out["tags"] = ",".join(run_tags(cfg))
     out["model/n_parameters"] = int(n_parameters)
     return out
 

@@ -3,8 +3,8 @@
 Every key is defined here, once, and every writer builds its record through these functions; readers
 go through `read_summary`. A record has three parts:
 
-- the run: `status` ("ok" or "failed"), `run_dir`, `label_names`, `split_sizes`, `n_parameters`, and
-  for eval.py the `checkpoint` it tested;
+- the run: `status` ("ok" or "failed"), `run_dir`, `tags`, `label_names`, `split_sizes`, `n_parameters`,
+  and for eval.py the `checkpoint` it tested;
 - training (train.py only): `optimized_metric`, `best_value` (what a sweeper optimises), `best_val_loss`,
   `best_val_mse`, `epochs`, `train_seconds`, `best_checkpoint`, `resumed_from` for a continued run;
 - testing (`TestResults`): `test_loss`, `test` (per label: rmse, mae, bias, mad_std, n, the
@@ -50,10 +50,11 @@ class TestResults:
         return out
 
 
-def run_fields(run_dir: str | Path, label_names, split_sizes: dict, n_parameters: int) -> dict:
+def run_fields(run_dir: str | Path, label_names, split_sizes: dict, n_parameters: int, tags=()) -> dict:
     return {
         "status": OK,
         "run_dir": str(run_dir),
+        "tags": list(tags),
         "label_names": list(label_names),
         "split_sizes": {k: int(v) for k, v in split_sizes.items()},
         "n_parameters": int(n_parameters),
@@ -110,6 +111,27 @@ def failed_summary(run_dir: str | Path, optimized_metric: str | None, err: BaseE
 
 def write_summary(run_dir: str | Path, record: dict) -> Path:
     return write_json_atomic(Path(run_dir) / METRICS_FILE, record)
+
+
+def summary_problem(record: dict) -> str | None:
+    """What makes a record unusable for tables and plots (a number that is not one), or None when it is fine."""
+    numbers = [("best_value", record.get("best_value")), ("best_val_loss", record.get("best_val_loss")),
+               ("test_loss", record.get("test_loss")), ("train_seconds", record.get("train_seconds"))]
+    test = record.get("test")
+    if test is not None and not isinstance(test, dict):
+        return f"test is {test!r}, not a table of labels"
+    for label, row in (test or {}).items():
+        if not isinstance(row, dict):
+            return f"test.{label} is {row!r}, not a table of metrics"
+        numbers += [(f"test.{label}.{k}", v) for k, v in row.items() if not k.endswith("_ci")]
+    for key, value in numbers:
+        if key == "best_value" and value is None and record.get("status") == FAILED:
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} is {value!r}, not a number"
+        if value is None and key.startswith("test."):
+            return f"{key} is null, not a number"
+    return None
 
 
 def read_summary(path: str | Path) -> dict | None:

@@ -29,6 +29,7 @@ log = logging.getLogger("stellarlab.run.resume")
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 LOCK_FILE = ".running"
+EMPTY_RESUME = "resume= is empty; give resume=last (the newest unfinished run), resume=<run folder>, or leave it out to start a new run"
 # What a resumed run may change: where and how fast it runs, never what it computes (model, data, seeds, ...).
 RESUME_MAY_CHANGE = (
     "trainer.accelerator",
@@ -56,9 +57,9 @@ def running_process(run_dir: Path) -> int | None:
     """The pid of a live process on this machine that holds the run's lock file, else None."""
     try:
         info = json.loads((run_dir / LOCK_FILE).read_text())
-    except (OSError, ValueError):
+        pid = int(info.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable or foreign: no live owner to respect
         return None
-    pid = int(info.get("pid", 0))
     if info.get("host") != socket.gethostname() or pid == os.getpid() or pid <= 0:
         return None  # another machine's process cannot be checked; our own is not a rival
     return pid if pid_alive(pid) else None
@@ -195,8 +196,10 @@ def resume_argv(argv: Sequence[str], conf_dir: str | Path) -> list[str]:
     argv = list(argv)
     overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
     asked = [a.split("=", 1)[1].strip().strip("'\"") for a in overrides if override_key(a) == "resume" and "=" in a]
-    if not asked or asked[-1].lower() in ("", "null", "none") or any(override_key(a) == "hydra.run.dir" for a in overrides):
+    if not asked or asked[-1].lower() in ("null", "none") or any(override_key(a) == "hydra.run.dir" for a in overrides):
         return argv
+    if not asked[-1]:
+        raise ConfigError(EMPTY_RESUME)
     if "-m" in argv or "--multirun" in argv:
         raise ConfigError(
             "resume= continues one run, not a multirun; resume a job of a sweep with resume=<its folder> "
@@ -223,8 +226,10 @@ def use_resume_folder(cfg) -> None:
     from omegaconf import open_dict
 
     value = cfg.get("resume")
-    if value is None or str(value).lower() in ("", "null", "none"):
+    if value is None or str(value).lower() in ("null", "none"):
         return
+    if not str(value).strip():
+        raise ConfigError(EMPTY_RESUME)
     value = str(value)
     if value == "last":
         run_dir = find_last_run(Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs")
