@@ -1,9 +1,10 @@
 """Which code serves which survey: one `Survey` record each, found by name or from a DataModule.
 
 A DataModule class names its survey with a class attribute, `survey_name: ClassVar[str] = "apogee"`
-(subclasses inherit it). The download command, predict.py and survey-specific checks start from a
-`data` config or a DataModule, look the survey up here and import the code the record names, so no
-module needs to know another survey's classes, and a user's subclass of APOGEEDataModule is APOGEE.
+(subclasses inherit it). The download command finds the survey of a `data` config through its
+`_target_` class, predict.py finds the reader of each input file format, and both import only the code
+the record names: no module needs to know another survey's classes, and a user's subclass of
+APOGEEDataModule is APOGEE.
 
 Code is named by dotted path and imported only when used: this module imports neither torch nor any
 survey package. `survey_of_config` does import the config's DataModule class (and with it torch).
