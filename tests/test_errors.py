@@ -89,7 +89,8 @@ def compose_eval(env: Env, *overrides: str):
     """The config `python eval.py <overrides>` runs, folders under env.tmp (as conftest.compose_config does for train)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[*TINY, *overrides], return_hydra_config=True)
+        eval_tiny = [o for o in TINY if "callbacks." not in o]  # eval.py has no callbacks group
+        cfg = compose(config_name="eval", overrides=[*eval_tiny, *overrides], return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.root_dir = str(env.tmp)
         cfg.paths.output_dir = str(env.tmp / "eval")
