@@ -22,8 +22,8 @@ APOGEE_RESOLUTION = 22500.0
 APOGEE_CHIP_RANGES = ((246, 3274), (3585, 6080), (6344, 8335))
 APOGEE_NCHIP_PIXELS = sum(hi - lo for lo, hi in APOGEE_CHIP_RANGES)
 
-# HERMES arms (GALAH): blue, green, red, IR, air Angstrom; 4096 px per arm, the length of a HERMES CCD row
-# (galah4's rows are the four arms end to end, 4 x 4096 pixels).
+# HERMES arms (GALAH): blue, green, red, IR, air Angstrom; 4096 px per arm is an assumption
+# (docs/synthetic-spectra.md sec. 0), the one that makes galah4's 16384-pixel rows four arms end to end.
 GALAH_ARMS = ((4713.0, 4903.0), (5648.0, 5873.0), (6478.0, 6737.0), (7585.0, 7887.0))
 GALAH_NPIX_PER_ARM = 4096
 GALAH_RESOLUTION = 28000.0
@@ -51,7 +51,7 @@ def galah_wavelength() -> np.ndarray:
 
 
 def air_to_vacuum(wavelength_air: np.ndarray) -> np.ndarray:
-    """Air -> vacuum wavelength (Angstrom), VALD / Piskunov formula."""
+    """Air -> vacuum wavelength (Angstrom), VALD / Piskunov formula (docs/synthetic-spectra.md sec. 0)."""
     lam = np.asarray(wavelength_air, dtype=np.float64)
     s2 = (1e4 / lam) ** 2
     n = 1.0 + 8.336624e-5 + 2.408927e-2 / (130.10659 - s2) + 1.599741e-4 / (38.925688 - s2)

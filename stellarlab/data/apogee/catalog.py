@@ -2,7 +2,8 @@
 
 Kept free of torch (numpy and astropy only) so the download command and worker processes can use it
 cheaply. Bit numbers, column names and file names follow the SDSS DR17 data model of allStar and
-apStar/aspcapStar files: spectra live at {TELESCOPE}/{FIELD}/<file> below the survey's spectra folder.
+apStar/aspcapStar files (docs/data-formats.md): spectra live at {TELESCOPE}/{FIELD}/<file> below the
+survey's spectra folder.
 """
 
 from __future__ import annotations

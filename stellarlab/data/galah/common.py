@@ -5,7 +5,8 @@
   fe_h]`) runs on galah4, on the DR4 catalogue (whose columns already are `teff`, `logg`, `fe_h`) and on
   the synthetic GALAH-like survey alike, and checkpoints carry the same label names whatever the source.
 * `flux_transform=log` (`stellarlab.data.flux.transform_flux`) stores `1 + ln(max(flux, flux_floor))`:
-  a log with a floor, shifted so the continuum stays at 1 (models read `1 - flux`, now an optical depth).
+  the `log(max(flux, 0.2))` used with galah4 (docs/data-formats.md), shifted so the continuum stays at 1;
+  models read the absorption depth `1 - flux`, which becomes an optical depth `-ln(flux)`.
 * Every cut logs how many rows it removed; a cut that leaves nothing stops with an error naming it.
   Rows with none of the requested labels, or no usable pixel, are dropped here (and logged) rather than
   in the base class, so per-spectrum extras such as `snr` stay aligned with the rows.

@@ -20,7 +20,8 @@ from stellarlab.grids import GALAH_ARMS, GALAH_NPIX_PER_ARM, galah_wavelength
 
 log = logging.getLogger(__name__)
 
-#: Column order of galah4's `labels.npy`: mass, age, bolometric luminosity, distance, Teff, log g, [Fe/H], SNR.
+#: Column order of galah4's `labels.npy` (docs/data-formats.md): mass, age, bolometric luminosity, distance,
+#: Teff, log g, [Fe/H], SNR.
 GALAH4_COLUMNS = ("mass", "age", "l_bol", "dist", "t_eff", "log_g", "fe_h", "SNR")
 GALAH4_PIXELS = len(GALAH_ARMS) * GALAH_NPIX_PER_ARM  # 16384: four HERMES CCDs of 4096 pixels, end to end
 GALAH4_DOWNLOAD = "python -m stellarlab.download data=galah"
