@@ -215,3 +215,55 @@ def test_partial_directory_without_metadata_is_not_trusted(tmp_path):
     os.remove(bogus / "flux.npy")
     s = make_survey(**_args(), cache_dir=tmp_path)  # regenerates and replaces the empty directory
     assert (bogus / "params.json").is_file() and s.flux.shape == (6, 8575)
+
+
+def _cache_folder(tmp_path):
+    key = survey_mod.cache_key(survey_mod._canonical_params("apogee", 6, 60.0, 11, 1, False, 3))
+    return tmp_path / f"apogee-{key}"
+
+
+def test_an_interrupted_copy_of_a_cache_is_rebuilt_not_a_traceback_forever(tmp_path, caplog):
+    folder = _cache_folder(tmp_path)
+    folder.mkdir()
+    np.save(folder / "flux.npy", np.zeros((6, 8575), np.float32))  # what an interrupted `cp -r` leaves
+    s = make_survey(**_args(), cache_dir=tmp_path)
+    assert "has no params.json (an interrupted copy?): building it again" in caplog.text
+    assert (folder / "params.json").is_file() and s.flux.shape == (6, 8575)
+    assert np.array_equal(make_survey(**_args(), cache_dir=tmp_path).flux, s.flux)
+
+
+def test_a_truncated_cache_array_is_repaired_once_not_regenerated_every_run(tmp_path, monkeypatch, caplog):
+    good = make_survey(**_args(), cache_dir=tmp_path)
+    folder = _cache_folder(tmp_path)
+    data = (folder / "flux.npy").read_bytes()
+    (folder / "flux.npy").write_bytes(data[: len(data) // 2])  # a full disk, a copy cut short
+    repaired = make_survey(**_args(), cache_dir=tmp_path)
+    assert "is damaged" in caplog.text and np.array_equal(repaired.flux, good.flux)
+
+    def boom(*a, **k):
+        raise AssertionError("generated again although the cache was repaired")
+
+    monkeypatch.setattr(SpectrumGenerator, "generate", boom)
+    again = make_survey(**_args(), cache_dir=tmp_path)  # from the repaired files, memory-mapped
+    assert isinstance(again.flux, np.memmap) and np.array_equal(again.flux, good.flux)
+
+
+def test_a_damaged_cache_that_cannot_be_removed_is_one_clear_error(tmp_path, monkeypatch):
+    from stellarlab.errors import DataError
+
+    folder = _cache_folder(tmp_path)
+    folder.mkdir()
+    (folder / "junk").write_text("x")
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(survey_mod.shutil, "rmtree", refuse)
+    with pytest.raises(DataError, match=r"has no params\.json .* cannot be removed .*delete it, or set paths\.cache_dir"):
+        make_survey(**_args(), cache_dir=tmp_path)
+
+
+def test_a_snr_whose_noise_overflows_is_refused_and_nothing_is_cached(tmp_path):
+    with pytest.raises(ValueError, match=r"snr=1e-40 makes the noise .* overflow float32"):
+        make_survey(**_args(snr=1e-40), cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from stellarlab.errors import DataError
 from stellarlab.files import temporary_sibling
 from stellarlab.grids import SURVEYS, survey_grid
 from stellarlab.synthetic.generator import (
@@ -128,6 +129,9 @@ def _generate(params: dict, progress: bool) -> SyntheticSurvey:
         snr = np.full(n, params["snr"], dtype=np.float32)
     flux = clean[star_id]
     flux += rng.standard_normal(flux.shape, dtype=np.float32) / snr[:, None]
+    if not np.isfinite(flux).all():  # sigma = 1/snr beyond float32: refuse, never cache non-finite spectra
+        raise ValueError(f"snr={params['snr']} makes the noise (sigma = 1/snr per pixel) overflow float32; "
+                         "give data.snr of at least 1e-3 (real spectra have SNR 5-1000)")
     ivar = np.broadcast_to((snr.astype(np.float64) ** 2).astype(np.float32)[:, None], flux.shape).copy()
     valid = grid.valid_mask
     flux[:, ~valid] = 1.0  # no detector there: like real apStar files, no information (ivar = 0)
@@ -163,18 +167,40 @@ def _write_cache(result: SyntheticSurvey, final: Path, key: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _discard(path: Path, why: str) -> None:
+    """Remove a cache folder that cannot be trusted, so the fresh survey takes its place."""
+    log.warning("the synthetic survey cache %s %s: building it again", path, why)
+    try:
+        shutil.rmtree(path)
+    except OSError as err:
+        raise DataError(
+            f"the synthetic survey cache {path} {why}, and it cannot be removed ({err}); "
+            "delete it, or set paths.cache_dir to a folder you can write"
+        ) from err
+
+
 def _load_cache(path: Path) -> Optional[SyntheticSurvey]:
+    """The survey cached in `path`; None when there is none yet, or when the folder is incomplete or
+    damaged (an interrupted copy, a truncated array): then it is removed, and the caller rebuilds it."""
+    if not path.exists():
+        return None
     meta_path = path / "params.json"
     if not meta_path.is_file():
+        _discard(path, "has no params.json (an interrupted copy?)")
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAY_FIELDS}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable synthetic cache %s (%s)", path, exc)
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAY_FIELDS}
+        n = int(meta["params"]["n_stars"]) * int(meta["params"]["spectra_per_star"])
+        rows = {name: arrays[name].shape[0] for name in ARRAY_FIELDS if name != "wavelength"}
+        if set(rows.values()) != {n} or arrays["flux"].shape != arrays["ivar"].shape:
+            raise ValueError(f"arrays of {rows} rows, {n} expected")
+        survey = SyntheticSurvey(**arrays, survey=meta["survey"], label_names=tuple(meta["label_names"]),
+                                 params=meta["params"], cache_path=str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _discard(path, f"is damaged ({exc})")
         return None
-    return SyntheticSurvey(**arrays, survey=meta["survey"], label_names=tuple(meta["label_names"]),
-                           params=meta["params"], cache_path=str(path))
+    return survey
 
 
 def make_survey(survey: str = "apogee", n_stars: int = 1000, snr: Union[float, tuple] = 100.0, seed: int = 0,
