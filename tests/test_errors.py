@@ -10,6 +10,7 @@ config (unknown group option or key: Hydra's message names it and lists a group'
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import shutil
@@ -658,8 +659,14 @@ def test_the_catalogue_has_at_least_30_distinct_cases():
     assert len({problem for _, problem, _ in CASES.values()}) == len(CASES)  # no case checks the same message twice
 
 
+def slow_case(fn: Callable[[Env], str]) -> bool:
+    """A case that starts a subprocess or trains a model (on first use of the checkpoint) is in the slow tier."""
+    source = inspect.getsource(fn)
+    return any(call in source for call in ("run_cli(", "run_eval(", "subprocess.", "files['checkpoint']", 'files["checkpoint"]'))
+
+
 @pytest.mark.filterwarnings("ignore:File may have been truncated")
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if slow_case(c[0]) else n for n, c in CASES.items()])
 def test_bad_input_gives_a_message_naming_problem_and_fix(name, tmp_path, capsys, files):
     run, problem, fix = CASES[name]
     message = run(Env(tmp_path, capsys, files))
