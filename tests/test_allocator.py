@@ -24,6 +24,7 @@ def _run(value: str) -> list[str]:
     return out.stdout.split("\n")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt thresholds are a Linux/glibc setting")
 def test_thresholds_are_set_and_exported_for_spawned_processes():
     applied, exported = _run("64")[:2]
@@ -31,11 +32,13 @@ def test_thresholds_are_set_and_exported_for_spawned_processes():
     assert exported == f"{64 * 2**20} {128 * 2**20}"
 
 
+@pytest.mark.slow
 def test_null_or_zero_leaves_malloc_alone():
     assert _run("None")[:2] == ["False", "None None"]
     assert _run("0")[:2] == ["False", "None None"]
 
 
+@pytest.mark.slow
 def test_huge_values_are_capped_at_what_mallopt_takes():
     if not sys.platform.startswith("linux"):
         assert keep_freed_blocks(10**9) is False
@@ -63,6 +66,7 @@ print(os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRE
          ["True True", f"{32 * 2**20} {64 * 2**20}"]),
     ],
 )
+@pytest.mark.slow
 def test_a_later_call_replaces_its_own_export_but_never_the_users(user_env, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | user_env
     out = subprocess.run([sys.executable, "-c", CHILD_TWICE], env=env, capture_output=True, text=True, check=True)

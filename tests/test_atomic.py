@@ -77,6 +77,7 @@ def test_survey_cache_killed_mid_write_is_not_trusted_and_the_next_run_rebuilds_
 
 
 # -- the preprocessed-array cache (APOGEE, GALAH DR4) ------------------------------------------------------
+@pytest.mark.slow
 def test_array_cache_killed_mid_build_is_not_trusted_and_the_stale_build_is_cleaned(tmp_path):
     from stellarlab.data.cache import ArrayCache
 
@@ -208,6 +209,7 @@ class StallingServer:
         self.httpd.server_close()
 
 
+@pytest.mark.slow
 def test_download_killed_mid_transfer_leaves_only_a_part_file_that_the_next_run_resumes(tmp_path):
     from stellarlab.download.fetch import DOWNLOADED, Fetcher, FileJob
 

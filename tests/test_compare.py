@@ -111,6 +111,7 @@ def test_a_folder_of_single_runs_and_a_run_folder_itself(tmp_path):
     assert [(r["run"], r["overrides"]) for r in single] == [("2026-01-02_00-00-00_bbbbbb", ["model=cnn"])]
 
 
+@pytest.mark.slow
 def test_no_runs_is_a_clear_error_with_exit_code_2(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = subprocess.run(

@@ -274,6 +274,7 @@ def _(env):
     return error_line(env.capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["run", "sweep"])
 def test_default_log_dir_is_checked_before_hydra_creates_it(tmp_path, mode):
     """The default paths.log_dir is under the folder the command runs from (once ${hydra:runtime.cwd}, which

@@ -271,6 +271,7 @@ def test_resume_last_picks_the_newest_unfinished_run_and_replays_its_overrides(t
     assert resume_argv(["model=mlp", "seed=1"], CONF_DIR) == ["model=mlp", "seed=1"]  # no resume: untouched
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_cannot_be_resumed_and_says_why(tmp_path):
     runs = tmp_path / "train" / "runs"
     with pytest.raises(ConfigError, match=r"resume=last: .*train/runs does not exist"):
@@ -316,6 +317,7 @@ def test_resume_refuses_what_cannot_be_resumed_and_says_why(tmp_path):
     assert resume_argv(["resume=null", "seed=1"], CONF_DIR) == ["resume=null", "seed=1"]
 
 
+@pytest.mark.slow
 def test_resume_error_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     proc = resume("resume=last", f"paths.log_dir={tmp_path}", timeout=120)
     assert proc.returncode == 2

@@ -162,6 +162,7 @@ def train_and_test(dm, tmp_path, name):
     return model
 
 
+@pytest.mark.slow
 def test_training_streamed_or_in_memory_gives_identical_predictions_and_metrics(tmp_path):
     memory, stream = both(write_cache(tmp_path, n=400))
     a, b = train_and_test(memory, tmp_path, "memory"), train_and_test(stream, tmp_path, "stream")
