@@ -1,4 +1,8 @@
-"""Shared fixtures: the real Hydra config, composed and shrunk to run in seconds on CPU."""
+"""Shared fixtures: the real Hydra config, composed and shrunk to run in seconds on CPU; one survey cache
+for the session, warmed once; the real DR17 apStar file of tests/data.
+
+Tiers: tests that start a subprocess or train end to end are marked `slow`; `pytest -m "not slow"` is the
+fast tier (`make test-fast`), `make test` runs everything."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import stellarlab.config  # noqa: F401  (registers the run_id resolver)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
-SHARED = ROOT.parent / "shared"
+TEST_DATA = ROOT / "tests" / "data"
+#: A real APOGEE DR17 apStar file (public SDSS data): one visit of a K dwarf, SNR 137.
+REAL_APSTAR = TEST_DATA / "apStar-dr17-2M19485057+5005279.fits"
 
 # A survey small enough to generate in a few seconds and train on in a few more.
 TINY = [
@@ -50,6 +56,22 @@ def compose_config(overrides=(), tmp_path: Path | None = None, cache_dir: Path |
 def survey_cache(tmp_path_factory) -> Path:
     """One cache folder for the whole session, so each tiny survey is generated once."""
     return tmp_path_factory.mktemp("survey-cache")
+
+
+@pytest.fixture(scope="session")
+def warm_cache(survey_cache) -> Path:
+    """The session's survey cache holding the TINY survey and its test-split Cramér–Rao bounds, made once,
+    before runs start side by side in subprocesses (each would otherwise make them)."""
+    import hydra
+
+    from stellarlab.synthetic.crlb import survey_crlb
+
+    cfg = compose_config(TINY, tmp_path=survey_cache / "warm", cache_dir=survey_cache)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    survey_crlb(datamodule, "test")
+    return survey_cache
 
 
 @pytest.fixture

@@ -35,9 +35,8 @@ from stellarlab.data.cache import ArrayCache
 from stellarlab.data.split import split_by_star
 from stellarlab.errors import ConfigError, DataError
 from tests import apogee_fixtures as fx
-from tests.conftest import SHARED, compose_config
+from tests.conftest import REAL_APSTAR, compose_config
 
-REAL_APSTAR = SHARED / "data" / "apogee" / "apStar-dr17-2M19485057+5005279.fits"
 DEFAULT_PIXMASK = bit_value(DEFAULT_PIXMASK_BITS, PIXMASK_BITS, "test")
 N_STARS = 300  # the fixture survey: + 5 duplicate rows; 5 + 4 + 12 + 3 stars removed -> 281 kept
 
@@ -229,7 +228,6 @@ def test_reader_errors_name_the_file(tmp_path):
         af.read_aspcapstar(tmp_path / "other-grid.fits")
 
 
-@pytest.mark.skipif(not REAL_APSTAR.exists(), reason=f"the real DR17 apStar file is not in {REAL_APSTAR.parent} (shared data absent)")
 def test_real_dr17_apstar_file_loads_clean_onto_the_grid():
     cfg = af.PixelConfig(source="apStar", pixmask=DEFAULT_PIXMASK)
     flux, err, mask = af.read_apstar(REAL_APSTAR)

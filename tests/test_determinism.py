@@ -15,7 +15,7 @@ import pytest
 import pytorch_lightning as pl
 
 from tests.conftest import ROOT, compose_config
-from tests.test_resume import RUN, cache  # noqa: F401  (the warm survey cache fixture)
+from tests.test_resume import RUN
 
 
 def columns(path: Path, suffix: str) -> dict[str, list[str]]:
@@ -26,11 +26,11 @@ def columns(path: Path, suffix: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_same_seed_same_metrics_in_two_processes_other_seed_differs_on_the_same_test_stars(tmp_path, cache):  # noqa: F811
+def test_same_seed_same_metrics_in_two_processes_other_seed_differs_on_the_same_test_stars(tmp_path, warm_cache):
     seeds = {"a": 0, "b": 0, "c": 1}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "train.py", *RUN, f"seed={seed}", f"paths.log_dir={tmp_path / name}", f"paths.cache_dir={cache}"],
+            [sys.executable, "train.py", *RUN, f"seed={seed}", f"paths.log_dir={tmp_path / name}", f"paths.cache_dir={warm_cache}"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for name, seed in seeds.items()
@@ -64,11 +64,11 @@ def split_of(*overrides: str, cache_dir: Path, tmp_path: Path) -> dict[str, np.n
     return datamodule.split_index
 
 
-def test_the_split_depends_on_the_split_seed_only(tmp_path, cache):  # noqa: F811
-    base = split_of("seed=0", cache_dir=cache, tmp_path=tmp_path)
+def test_the_split_depends_on_the_split_seed_only(tmp_path, warm_cache):
+    base = split_of("seed=0", cache_dir=warm_cache, tmp_path=tmp_path)
     for other in (["seed=1"], ["seed=123", "model=cnn", "optimizer.lr=0.1"]):
-        split = split_of(*other, cache_dir=cache, tmp_path=tmp_path)
+        split = split_of(*other, cache_dir=warm_cache, tmp_path=tmp_path)
         for name in ("train", "val", "test"):
             assert np.array_equal(split[name], base[name]), (other, name)
-    moved = split_of("seed=0", "data.split_seed=43", cache_dir=cache, tmp_path=tmp_path)
+    moved = split_of("seed=0", "data.split_seed=43", cache_dir=warm_cache, tmp_path=tmp_path)
     assert not np.array_equal(np.sort(moved["test"]), np.sort(base["test"]))

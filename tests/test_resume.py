@@ -101,20 +101,9 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-@pytest.fixture(scope="module")
-def cache(survey_cache) -> Path:
-    """The session's survey cache with the tiny survey and its test-split Cramér-Rao bounds in it, made once
-    here, before runs start side by side (each would otherwise compute them)."""
-    import hydra
-
-    from stellarlab.synthetic.crlb import survey_crlb
-
-    cfg = compose_config(RUN, tmp_path=survey_cache / "warm", cache_dir=survey_cache)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    survey_crlb(datamodule, "test")
-    return survey_cache
+@pytest.fixture
+def cache(warm_cache) -> Path:
+    return warm_cache
 
 
 # -- SIGKILL mid-epoch, then resume=last ---------------------------------------------------------------

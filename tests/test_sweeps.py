@@ -48,14 +48,6 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.fixture
-def warm_cache(survey_cache, tmp_path_factory) -> Path:
-    """Generate the tiny survey once, here, so that parallel jobs do not each generate it."""
-    cfg = compose_config(FAST, tmp_path=tmp_path_factory.mktemp("warm"), cache_dir=survey_cache)
-    hydra.utils.instantiate(cfg.data).prepare_data()
-    return survey_cache
-
-
 @pytest.mark.slow
 def test_multirun_with_the_default_folders_runs_from_any_folder(tmp_path, warm_cache):
     """`python train.py -m ...` as the README shows it: no paths.* given, so runs land under ./outputs of
