@@ -1,6 +1,6 @@
 """Throughput of the synthetic-spectrum generator (target: >= 10,000 APOGEE spectra per minute on 2 cores).
 
-    python benchmarks/generator_speed.py           # 10,000 spectra per survey (the design-note figure)
+    python benchmarks/generator_speed.py           # 10,000 spectra per survey (docs/synthetic-spectra.md sec. 3)
     python benchmarks/generator_speed.py --small   # a few hundred, for CI
 
 Labels come from the realistic prior, so the mix of cool giants (many molecular lines) and hot dwarfs

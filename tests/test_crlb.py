@@ -112,8 +112,8 @@ def test_generator_jacobian_matches_central_differences(apogee):
         assert rel.max() < 0.01, (k, rel)  # finite differences of float32 spectra: ~1e-3
 
 
-def test_generator_bounds_agree_with_the_design_notes_prototype(apogee):
-    """Design note sec. 4 (an independent NumPy prototype, SNR 100): same physics, so bounds within 1.5x."""
+def test_generator_bounds_agree_with_the_independent_prototype(apogee):
+    """docs/synthetic-spectra.md sec. 4 (an independent NumPy prototype, SNR 100): same physics, so bounds within 1.5x."""
     stars = np.array([[4800, 2.5, 0, 0], [5777, 4.44, 0, 0], [4800, 2.5, -2, 0.3]], dtype=np.float32)
     prototype = np.array([[6.1, 0.019, 0.007, 0.003], [7.0, 0.024, 0.007, 0.010], [22.5, 0.135, 0.032, 0.020]])
     ivar = np.where(apogee.valid_mask, 100.0**2, 0.0)[None].repeat(len(stars), 0)
