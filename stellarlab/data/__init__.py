@@ -5,22 +5,15 @@ Each survey's code is a package (`apogee`, `galah`) or module (`synthetic`), fou
 by the download command and by preprocessing workers) load without torch or Lightning.
 """
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {
-    "BatchDataset": "stellarlab.data.base",
-    "SpectraArrays": "stellarlab.data.base",
-    "SpectraDataModule": "stellarlab.data.base",
-    "SyntheticDataModule": "stellarlab.data.synthetic",
-    "APOGEEDataModule": "stellarlab.data.apogee.datamodule",
-    "GALAH4DataModule": "stellarlab.data.galah.galah4",
-    "GALAHDR4DataModule": "stellarlab.data.galah.dr4",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'stellarlab.data' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "base": ["BatchDataset", "SpectraArrays", "SpectraDataModule"],
+        "synthetic": ["SyntheticDataModule"],
+        "apogee.datamodule": ["APOGEEDataModule"],
+        "galah.galah4": ["GALAH4DataModule"],
+        "galah.dr4": ["GALAHDR4DataModule"],
+    },
+)

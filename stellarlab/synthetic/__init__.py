@@ -6,24 +6,17 @@ and models meet the same label degeneracies as in real spectra. Names are import
 survey grids (`stellarlab.grids`) and the label names load without torch.
 """
 
-import importlib
+import lazy_loader
 
 LABEL_NAMES = ("teff", "logg", "fe_h", "alpha_fe")
 
-_EXPORTS = {
-    "GENERATOR_VERSION": "stellarlab.synthetic.generator",
-    "SpectrumGenerator": "stellarlab.synthetic.generator",
-    "LineList": "stellarlab.synthetic.linelist",
-    "load_linelist": "stellarlab.synthetic.linelist",
-    "sample_labels": "stellarlab.synthetic.prior",
-    "SyntheticSurvey": "stellarlab.synthetic.survey",
-    "make_survey": "stellarlab.synthetic.survey",
-}
-
-__all__ = ["LABEL_NAMES", *sorted(_EXPORTS)]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'stellarlab.synthetic' has no attribute {name!r}")
+__getattr__, __dir__, _lazy = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "generator": ["GENERATOR_VERSION", "SpectrumGenerator"],
+        "linelist": ["LineList", "load_linelist"],
+        "prior": ["sample_labels"],
+        "survey": ["SyntheticSurvey", "make_survey"],
+    },
+)
+__all__ = ["LABEL_NAMES", *_lazy]

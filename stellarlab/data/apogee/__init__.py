@@ -5,14 +5,11 @@ readers), `download` (the download recipe).
 them. So the DataModule is imported here on first use only.
 """
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {"APOGEEDataModule": "stellarlab.data.apogee.datamodule"}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'stellarlab.data.apogee' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "datamodule": ["APOGEEDataModule"],
+    },
+)

@@ -10,7 +10,8 @@ clips absorption lines. Every error names the file. numpy and astropy only: thes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,34 +105,32 @@ def _require_hdus(hdul, n: int, path, layout: str) -> None:
         ) from None
 
 
-def read_aspcapstar(path) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised flux (HDU1) and its error (HDU2) as native float32 (8575,)."""
+@contextlib.contextmanager
+def _spectrum_file(path, n_hdus: int, layout: str) -> Iterator[fits.HDUList]:
+    """The open file, checked for its HDUs and the DR17 grid; any failure to read it is one DataError."""
     try:
         with fits.open(path, memmap=False) as hdul:
-            _require_hdus(hdul, 3, path, "an aspcapStar file has flux in HDU1 and error in HDU2")
+            _require_hdus(hdul, n_hdus, path, layout)
             _check_grid(hdul[1].header, path)
-            flux = _native_float32(hdul[1].data, path, 1, None)
-            err = _native_float32(hdul[2].data, path, 2, None)
+            yield hdul
     except DataError:
         raise
     except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
         raise _open_error(path, err) from err
-    return flux, err
+
+
+def read_aspcapstar(path) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised flux (HDU1) and its error (HDU2) as native float32 (8575,)."""
+    with _spectrum_file(path, 3, "an aspcapStar file has flux in HDU1 and error in HDU2") as hdul:
+        return _native_float32(hdul[1].data, path, 1, None), _native_float32(hdul[2].data, path, 2, None)
 
 
 def read_apstar(path, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row `row` (0: the pixel-weighted combination) of flux, error (native float32) and APOGEE_PIXMASK (int64)."""
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            _require_hdus(hdul, 4, path, "an apStar file has flux, error and bitmask in HDU1-3")
-            _check_grid(hdul[1].header, path)
-            flux = _native_float32(hdul[1].data, path, 1, row)
-            err = _native_float32(hdul[2].data, path, 2, row)
-            mask = _native_float32(hdul[3].data, path, 3, row, keep_integers=True)
-    except DataError:
-        raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
-        raise _open_error(path, err) from err
+    with _spectrum_file(path, 4, "an apStar file has flux, error and bitmask in HDU1-3") as hdul:
+        flux = _native_float32(hdul[1].data, path, 1, row)
+        err = _native_float32(hdul[2].data, path, 2, row)
+        mask = _native_float32(hdul[3].data, path, 3, row, keep_integers=True)
     if mask.dtype.kind not in "iu":
         raise DataError(
             f"{path}: HDU3 should be the integer APOGEE_PIXMASK, found {mask.dtype}; is this an apStar/asStar file? "

@@ -4,17 +4,12 @@ release, whose files `dr4_files` reads), on the shared base in `common`; `downlo
 `dr4_files` and `download` need no torch, so the DataModules are imported here on first use only.
 """
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {
-    "GALAH4DataModule": "stellarlab.data.galah.galah4",
-    "GALAHDR4DataModule": "stellarlab.data.galah.dr4",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'stellarlab.data.galah' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "galah4": ["GALAH4DataModule"],
+        "dr4": ["GALAHDR4DataModule"],
+    },
+)
