@@ -218,6 +218,14 @@ class Switch(Rule):
             raise ConfigError(f"{key} must be auto, true or false, got {value!r}")
 
 
+class Flag(Rule):
+    """true or false, nothing else: `maybe` or 1 would otherwise pass as truthy."""
+
+    def check(self, key: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={_show(value)} is not valid: it must be true or false; e.g. {key}=true")
+
+
 # -- the rules of a class -----------------------------------------------------------------------------
 def _init_chain(target: Any) -> list[Callable]:
     """The `__init__` functions whose arguments a call of `target` can reach (following **kwargs up the bases)."""
@@ -396,7 +404,7 @@ def check_arguments(target: Any, values: Mapping, group: str, supplied: frozense
 
 
 __all__ = [
-    "HYDRA_KEYS", "Choice", "IntList", "NameList", "Number", "PositiveNumbers", "Rule", "Switch", "accepted_keys",
+    "HYDRA_KEYS", "Choice", "Flag", "IntList", "NameList", "Number", "PositiveNumbers", "Rule", "Switch", "accepted_keys",
     "argument_rules", "check_arguments", "check_call", "check_choice", "check_int_list", "check_node_keys",
     "check_number", "check_values", "locate_target", "with_defaults",
 ]

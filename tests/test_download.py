@@ -537,7 +537,7 @@ def test_cli_apogee_failure_exits_1_with_the_summary(server, tmp_path):
     site = ApogeeSite(server, tmp_path, catalog_name="allStar-test.fits")  # no pinned SHA1: unverified
     del server.files[f"{SAS}/{site.rel[9]}"]  # the server lacks one file
     catalog = tmp_path / "data" / "apogee" / "allStar-test.fits"
-    proc = run_cli([*site.overrides(), f"data.catalog={catalog}"], tmp_path)
+    proc = run_cli([*site.overrides(), f"data.catalog={catalog}", "download.apogee.catalog_name=allStar-test.fits"], tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert f"aspcapStar/{site.rel[9]}: not found on the server (HTTP 404): {server.url(SAS)}/{site.rel[9]}" in proc.stdout
     assert "7 downloaded" in proc.stdout and "1 failed" in proc.stdout
@@ -553,7 +553,8 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path):
         "use data=apogee or data=galah to fetch real spectra")
     proc = run_cli(["data=galah", "download.workers=0"], tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: download.workers must be >= 1, got 0"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: download.workers=0 is not valid: it must be an integer >= 1; e.g. download.workers=4")
 
 
 def _own_apogee_class():
@@ -619,3 +620,51 @@ def test_apogee_config_mistakes_are_caught_before_any_download(server, tmp_path)
     with pytest.raises(ConfigError, match=r"data.source='spectra' is unknown; valid sources: aspcapStar, apStar"):
         download(apogee_cfg(site, tmp_path, "data.source=spectra"))
     assert server.requests == []
+
+
+def test_the_catalogue_url_is_the_servers_name_not_the_local_copys(server, tmp_path):
+    """A local copy under another name (data.catalog) is fetched from the server's name (download.apogee.catalog_name)."""
+    from stellarlab.download.command import download
+
+    site = ApogeeSite(server, tmp_path)
+    local = tmp_path / "mine" / "my-allstar.fits"
+    dry = download(apogee_cfg(site, tmp_path, f"data.catalog={local}", "download.dry_run=true"))
+    assert [r.job.url for r in dry.results] == [f"{server.url(SAS)}/allStar-dr17-synspec_rev1.fits"]
+    assert [r.job.dest for r in dry.results] == [local]
+    report = download(apogee_cfg(site, tmp_path, f"data.catalog={local}", "download.max_stars=1"))
+    assert report.results[0].status == DOWNLOADED and report.results[0].verified  # the server name's SHA1 checked it
+    assert local.read_bytes() == site.catalog
+    assert server.gets(f"{SAS}/my-allstar.fits") == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("download.workers=abc", "download.workers=abc is not valid: it must be an integer >= 1; e.g. download.workers=4"),
+    ("download.max_stars=0", "download.max_stars=0 is not valid: it must be an integer >= 1 or null; "
+                             "e.g. download.max_stars=5000 (null: all stars)"),
+    ("download.timeout=nan", "download.timeout=nan is not valid: it must be a number > 0; e.g. download.timeout=60.0 (seconds)"),
+    ("download.retries=1.5", "download.retries=1.5 is not valid: it must be an integer >= 0; e.g. download.retries=5"),
+    ("download.backoff=-1", "download.backoff=-1 is not valid: it must be a number >= 0; e.g. download.backoff=2.0 (seconds)"),
+    ("download.verify=maybe", "download.verify=maybe is not valid: it must be true or false; e.g. download.verify=true"),
+    ("download.dry_run=1", "download.dry_run=1 is not valid: it must be true or false; e.g. download.dry_run=true"),
+    ("+download.wrkers=2", "download.wrkers is not an option of"),
+])
+def test_every_download_option_is_checked_before_any_request(server, tmp_path, override, message):
+    from stellarlab.download.command import download
+    from stellarlab.errors import ConfigError
+
+    site = ApogeeSite(server, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        download(apogee_cfg(site, tmp_path, override))
+    assert str(info.value).startswith(message)
+    assert server.requests == [] and not (tmp_path / "data").exists()
+
+
+def test_the_fetcher_applies_the_same_rules_as_the_command():
+    from stellarlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^download\.workers=0 is not valid: it must be an integer >= 1"):
+        Fetcher(workers=0)
+    with pytest.raises(ConfigError, match=r"^download\.timeout=nan is not valid"):
+        Fetcher(timeout=float("nan"))
+    with pytest.raises(ConfigError, match=r"^download\.verify=maybe is not valid: it must be true or false"):
+        Fetcher(verify="maybe")

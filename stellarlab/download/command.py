@@ -24,29 +24,10 @@ from omegaconf import DictConfig
 
 from stellarlab.data import surveys
 from stellarlab.download.fetch import Fetcher, Report
+from stellarlab.download.options import DownloadOptions
 from stellarlab.errors import ConfigError, StellarlabError
 
 log = logging.getLogger("stellarlab.download.command")
-
-
-def _fetcher(opts: DictConfig) -> Fetcher:
-    for key in ("workers",):
-        if int(opts[key]) < 1:
-            raise ConfigError(f"download.{key} must be >= 1, got {opts[key]}")
-    for key in ("retries", "backoff", "backoff_max"):
-        if float(opts[key]) < 0:
-            raise ConfigError(f"download.{key} must be >= 0, got {opts[key]}")
-    if float(opts.timeout) <= 0:
-        raise ConfigError(f"download.timeout must be > 0 seconds, got {opts.timeout}")
-    return Fetcher(
-        workers=int(opts.workers),
-        retries=int(opts.retries),
-        backoff=float(opts.backoff),
-        backoff_max=float(opts.backoff_max),
-        timeout=float(opts.timeout),
-        verify=bool(opts.verify),
-        progress=bool(opts.progress),
-    )
 
 
 def recipe_of(data: DictConfig) -> Callable[[DictConfig, Fetcher], Report]:
@@ -69,8 +50,9 @@ def recipe_of(data: DictConfig) -> Callable[[DictConfig, Fetcher], Report]:
 # ---------------------------------------------------------------------------------------- entry point
 def download(cfg: DictConfig) -> Report:
     """Run the download `cfg` describes; the report says what happened to every file."""
+    options = DownloadOptions.from_config(cfg.download)  # every download.* value checked before anything runs
     recipe = recipe_of(cfg.data)
-    with _fetcher(cfg.download) as fetcher:
+    with Fetcher(**options.fetcher_settings()) as fetcher:
         start = time.perf_counter()
         report = recipe(cfg, fetcher)
     report.seconds = time.perf_counter() - start

@@ -153,10 +153,11 @@ class Fetcher:
         progress: bool = True,
         user_agent: str = "stellarlab-download",
     ):
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        from stellarlab.checks import check_values
+        from stellarlab.download.options import DownloadOptions  # the rules of the command's download.* options
+
+        check_values(DownloadOptions, {"workers": workers, "retries": retries, "backoff": backoff, "backoff_max": backoff_max,
+                                       "timeout": timeout, "verify": verify, "progress": progress}, "download")
         self.workers, self.retries = int(workers), int(retries)
         self.backoff, self.backoff_max = float(backoff), float(backoff_max)
         self.verify, self.progress = bool(verify), bool(progress)

@@ -1,6 +1,7 @@
 """APOGEE's download recipe: `python -m stellarlab.download data=apogee`.
 
-Fetches the allStar catalogue (data.catalog), applies data.cuts exactly as APOGEEDataModule does,
+Fetches the allStar catalogue (download.apogee.catalog_name on the server, saved as data.catalog),
+applies data.cuts exactly as APOGEEDataModule does,
 then fetches the spectra (data.source) of the stars that pass into data.spectra_dir as
 {TELESCOPE}/{FIELD}/<file>, the layout of the SDSS server, checking each against the SHA1 list SDSS
 keeps in its folder. A folder whose list cannot be fetched fails its files rather than fetching them
@@ -27,9 +28,7 @@ def download(cfg: DictConfig, fetcher: Fetcher) -> Report:
     source = str(data.source)
     if source not in cat.SOURCES:
         raise ConfigError(f"data.source={source!r} is unknown; valid sources: {', '.join(cat.SOURCES)}")
-    max_stars = opts.max_stars
-    if max_stars is not None and int(max_stars) < 1:
-        raise ConfigError(f"download.max_stars must be >= 1 or null (all stars), got {max_stars}")
+    max_stars = opts.max_stars  # its rule: stellarlab.download.options
     # checked before anything is fetched: a typo must not cost a 4 GB download
     cuts = data.get("cuts")
     cuts = OmegaConf.to_container(cuts, resolve=True) if OmegaConf.is_config(cuts) else cuts
@@ -49,9 +48,11 @@ def download(cfg: DictConfig, fetcher: Fetcher) -> Report:
     report = Report(root=catalog.parent if catalog.parent == spectra_dir.parent else None)
 
     # 1. the catalogue
+    # The server's name of the catalogue, not the local copy's: data.catalog may be renamed or elsewhere.
+    remote = str(opts.apogee.get("catalog_name") or catalog.name)
     base = str(opts.apogee.catalog_base_url).rstrip("/")
     sums = OmegaConf.to_container(opts.apogee.catalog_sha1) if opts.apogee.get("catalog_sha1") else {}
-    cat_job = FileJob(f"{base}/{catalog.name}", catalog, sums.get(catalog.name))
+    cat_job = FileJob(f"{base}/{remote}", catalog, sums.get(remote))
     if not catalog.exists() and opts.dry_run:
         report.results.append(FileResult(cat_job, PLANNED))
         report.notes.append(
