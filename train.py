@@ -24,6 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from stellarlab.checks import _plain, _show
 from stellarlab.config import instantiate_group, register_resolvers
 from stellarlab.errors import ConfigError, command_errors
 from stellarlab.run.resume import (
@@ -96,6 +97,10 @@ def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
         wavelength=torch.tensor(datamodule.wavelength, dtype=torch.float32),
     )
     resumed_from = resume_point(output_dir)  # an interrupted (or requeued) run continues from its last.ckpt
+    if resumed_from is not None:  # damaged weights are refused here, not trained on
+        from stellarlab.models import checksum
+
+        checksum.verify_file(resumed_from["checkpoint"], "move it away to start this run over (or resume from a copy)")
     loggers = instantiate_group(tensorboard_continuing(cfg.get("logger"), resumed_from))
     # Always on, whatever the callbacks group says: a run must stay resumable.
     callbacks = [*instantiate_group(cfg.get("callbacks")), ExactResume(), stop]
@@ -117,8 +122,13 @@ def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
 
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     best_val_loss = model.best_val_loss  # before the test loads the best checkpoint into the model
-    tested = None
-    if cfg.get("test") and len(datamodule.split_index["test"]):
+    tested, test_skipped = None, None
+    if not cfg.get("test"):
+        test_skipped = "test=false"
+    elif not len(datamodule.split_index["test"]):
+        test_skipped = f"the test split is empty (data.split={_show(_plain(cfg.data.get('split')))}): no test metrics"
+        log.warning("%s; give data.split a test part to test the model", test_skipped)
+    else:
         tested = test_model(trainer, model, datamodule, cfg, ckpt_path=checkpoint)
     stop.phase = "writing the results"
     run = run_fields(output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
@@ -133,6 +143,7 @@ def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
         best_checkpoint=checkpoint,
         resumed_from=resumed_from,
         tested=tested,
+        test_skipped=test_skipped,
     )
 
     log_final_metrics(trainer.loggers, summary, trainer.global_step)

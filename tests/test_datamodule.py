@@ -123,3 +123,36 @@ def test_extras_stay_aligned_with_their_rows_when_rows_are_dropped():
     for t in dm.tensors.values():
         assert torch.equal(t["snr"], t["labels_phys"][:, 0])
     assert sum(len(t["snr"]) for t in dm.tensors.values()) == len(a.flux) - 2
+
+
+def one_spectrum_per_star(n: int) -> SpectraArrays:
+    a = make_arrays(n=n)
+    a.star_id = np.arange(n)
+    return a
+
+
+def test_a_last_training_batch_of_one_spectrum_is_left_out_and_evaluation_keeps_every_row():
+    dm = ArraysDataModule(one_spectrum_per_star(130), split=[65, 33, 32], batch_size=16, split_seed=1)  # 65 = 4 x 16 + 1
+    dm.setup()
+    train = [len(b["flux"]) for b in dm.train_dataloader()]
+    assert train == [16, 16, 16, 16] and len(dm.train_dataloader()) == 4
+    assert [len(b["flux"]) for b in dm.val_dataloader()] == [16, 16, 1]  # validation and test keep every row
+    assert sum(len(b["flux"]) for b in dm.test_dataloader()) == 32
+    dm = ArraysDataModule(one_spectrum_per_star(130), split=[66, 32, 32], batch_size=16, split_seed=1)  # a last batch of 2 stays
+    dm.setup()
+    assert [len(b["flux"]) for b in dm.train_dataloader()] == [16, 16, 16, 16, 2]
+
+
+@pytest.mark.slow
+def test_batch_norm_trains_when_the_training_set_leaves_one_spectrum_over():
+    import pytorch_lightning as pl
+
+    from stellarlab.models import MLPRegressor
+
+    dm = ArraysDataModule(one_spectrum_per_star(130), split=[65, 33, 32], batch_size=16, split_seed=1)
+    dm.setup()
+    model = MLPRegressor(**dm.model_spec(), hidden_sizes=[8], batch_norm=True)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 8 and torch.isfinite(trainer.callback_metrics["val/loss"])

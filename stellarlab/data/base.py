@@ -8,10 +8,9 @@ Two ways to hold the spectra (`in_memory`):
 - in memory: every split is copied once into native float32 tensors; a batch is one index op.
 - streaming: the flux stays in its memory-mapped `.npy` file and each batch reads only its rows
   (`RowReader`), so training on a cache larger than RAM needs the memory of a few batches. Rows are
-  read with positional reads (`os.preadv`) into fresh buffers, not through the mapping: pages a
-  mapping touched count in the process's resident memory until the kernel drops them, while the page
-  cache behind a read is not the process's memory. `in_memory=auto` streams memory-mapped data
-  whose flux + weight exceed `in_memory_max_gb`.
+  read with positional reads (`os.preadv`) into fresh buffers, not through the mapping: pages a mapping
+  touched count in the process's resident memory until the kernel drops them, the page cache behind a
+  read does not. `in_memory=auto` streams memory-mapped data whose flux + weight exceed `in_memory_max_gb`.
 
 Either way `datamodule.tensors[split]` (also `split_arrays(split)`) holds `flux`, `weight`, `labels`
 (standardised), `labels_phys` and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
@@ -312,6 +311,11 @@ class SpectraDataModule(pl.LightningDataModule):
         """The survey's size from its arguments (None: known once read): the config check tests split and batch on it."""
         return None
 
+    @classmethod
+    def planned_label_names(cls, values: Mapping[str, Any]) -> list[str]:
+        """The label names a run logs metrics under, from the arguments with their defaults (`checks.with_defaults`)."""
+        return [str(n) for n in values["labels"]]
+
     # -- what a survey provides -------------------------------------------------------------
     def load_arrays(self) -> SpectraArrays:
         raise NotImplementedError
@@ -328,31 +332,22 @@ class SpectraDataModule(pl.LightningDataModule):
         train = self.split_index["train"]
         self.scaler = LabelScaler.fit(labels[train], self.label_names)
         if self.batch_size > len(train):
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is larger than the training set ({len(train)} spectra); "
-                "lower data.batch_size or use more stars"
-            )
+            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the training set ({len(train)} spectra); "
+                              "lower data.batch_size or use more stars")
         kept_rows = np.flatnonzero(keep)  # split indices count the kept rows; the source is indexed by file row
         self.streaming = self._decide_streaming(source, len(kept_rows))
         for name, idx in self.split_index.items():
             phys = torch.from_numpy(np.ascontiguousarray(labels[idx], dtype=np.float32))
             rows = kept_rows[idx]
-            pixels = {
-                key: SplitRows(source, key, rows) if self.streaming else source.copy(key, rows) for key in PIXEL_KEYS
-            }
+            pixels = {key: SplitRows(source, key, rows) if self.streaming else source.copy(key, rows) for key in PIXEL_KEYS}
             self.tensors[name] = {**pixels, "labels": self.scaler.transform(phys).float(), "labels_phys": phys}
         for name, extra in arrays.extra.items():
             kept = np.asarray(extra)[keep]  # split indices count the rows _validated kept
             for split, idx in self.split_index.items():
                 self.tensors[split][name] = torch.as_tensor(kept[idx])
-        log.info(
-            "split by star (seed %d): %s spectra; labels %s standardised with train mean %s, std %s",
-            self.split_seed,
-            "/".join(str(len(i)) for i in self.split_index.values()),
-            self.label_names,
-            np.round(self.scaler.mean, 4).tolist(),
-            np.round(self.scaler.std, 4).tolist(),
-        )
+        log.info("split by star (seed %d): %s spectra; labels %s standardised with train mean %s, std %s", self.split_seed,
+                 "/".join(str(len(i)) for i in self.split_index.values()), self.label_names,
+                 np.round(self.scaler.mean, 4).tolist(), np.round(self.scaler.std, 4).tolist())
 
     def _decide_streaming(self, source: PixelSource, n_rows: int) -> bool:
         """in_memory=auto streams memory-mapped arrays whose float32 flux + weight exceed in_memory_max_gb."""
@@ -362,10 +357,8 @@ class SpectraDataModule(pl.LightningDataModule):
         else:
             streaming = not self.in_memory
         if streaming:
-            log.info(
-                "streaming %.2f GB of spectra from %s: each batch reads its rows (data.in_memory=%s, in_memory_max_gb=%g)",
-                size_gb, source.readers["flux"].path or "arrays in memory", self.in_memory, self.in_memory_max_gb,
-            )
+            log.info("streaming %.2f GB of spectra from %s: each batch reads its rows (data.in_memory=%s, in_memory_max_gb=%g)",
+                     size_gb, source.readers["flux"].path or "arrays in memory", self.in_memory, self.in_memory_max_gb)
         return streaming
 
     def _validated(self, a: SpectraArrays):
@@ -419,11 +412,14 @@ class SpectraDataModule(pl.LightningDataModule):
 
     def model_spec(self) -> dict:
         """Facts the model is built from and carries in its checkpoint (never typed twice in config)."""
+        train = self.tensors["train"]["labels_phys"].numpy()  # the range predict.py flags predictions outside of
         return {
             "n_pixels": self.n_pixels,
             "label_names": list(self.label_names),
             "label_mean": [float(x) for x in self.scaler.mean],
             "label_std": [float(x) for x in self.scaler.std],
+            "label_min": [float(x) for x in np.nanmin(train, axis=0)],
+            "label_max": [float(x) for x in np.nanmax(train, axis=0)],
         }
 
     def preprocessing_config(self) -> dict:
@@ -452,11 +448,8 @@ class SpectraDataModule(pl.LightningDataModule):
         size_gb = sum(t[k].numel() * t[k].element_size() for t in self.tensors.values() for k in BATCH_KEYS) / 1e9
         fits = size_gb <= self.device_resident_max_gb
         if self.device_resident is True and not fits:
-            log.warning(
-                "data.device_resident=true: %.2f GB exceeds data.device_resident_max_gb=%.2f; copying anyway",
-                size_gb,
-                self.device_resident_max_gb,
-            )
+            log.warning("data.device_resident=true: %.2f GB exceeds data.device_resident_max_gb=%.2f; copying anyway",
+                        size_gb, self.device_resident_max_gb)
         return self.device_resident is True or fits
 
     def _on_device(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -480,14 +473,21 @@ class SpectraDataModule(pl.LightningDataModule):
         dataset = BatchDataset(with_index=split != "train", **batch_tensors)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory)
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            collate_fn=keep_batch,
-            num_workers=0 if on_device else self.num_workers,
-            persistent_workers=self.num_workers > 0 and not on_device,
+            dataset, batch_size=self.batch_size if split == "train" else self.eval_batch_size, shuffle=shuffle,
+            drop_last=split == "train" and self._last_batch_of_one(len(dataset)), collate_fn=keep_batch,
+            num_workers=0 if on_device else self.num_workers, persistent_workers=self.num_workers > 0 and not on_device,
             pin_memory=pin and not on_device,
         )
+
+    def _last_batch_of_one(self, n_rows: int) -> bool:
+        """Whether an epoch (per process) would end in a training batch of one spectrum, which BatchNorm cannot
+        normalise: the loader then drops that batch, a different row each epoch; other partial batches are kept."""
+        world = getattr(getattr(self, "trainer", None), "world_size", 1) or 1
+        alone = self.batch_size > 1 and -(-n_rows // world) % self.batch_size == 1
+        if alone:
+            log.info("the last training batch would hold one spectrum (%d rows, data.batch_size=%d): it is left out "
+                     "of each epoch", n_rows, self.batch_size)
+        return alone
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -19,15 +19,20 @@ validation epoch the base refits one factor per label, `sigma_scale` = RMS of th
 `predict_with_uncertainty`) is the net's sigma times that factor: the relative sigmas come from the
 net, their overall level from held-out stars (on the default MLP the Teff factor grows from ~1 to ~3
 over 30 epochs). The factor travels in the checkpoint as a buffer.
+
+A checkpoint also carries a SHA-256 of its weights (`stellarlab.models.checksum`: flipped bytes still
+unpickle, and would predict confident nonsense) and the training labels' range (`label_min`,
+`label_max`), outside which predict.py flags a prediction. `logged_metrics` names what a fit logs, so a
+misspelt `optimized_metric` is refused before training.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -38,6 +43,7 @@ from torch import nn
 from stellarlab.checks import Choice, Number, Rule, check_call
 from stellarlab.errors import ConfigError, TrainingError
 from stellarlab.metrics import calibration, label_metrics
+from stellarlab.models import checksum
 from stellarlab.models.losses import LOSSES, SIGMA_MIN, masked_gaussian_nll, masked_mse, rms_z
 
 # Epoch-level val/test values are computed from predictions all_gathered from every rank, so each rank
@@ -87,6 +93,8 @@ def _drop_repeats(index: torch.Tensor, *tensors: torch.Tensor | None) -> list[to
 
 #: callback_metrics key of the completed epoch count (set at the end of fitting, never sent to loggers)
 EPOCHS_METRIC = "stellarlab/epochs"
+#: Per-label statistics logged on each validation epoch (and test), as `<stage>/<stat>_<label>`.
+LABEL_STATS = ("rmse", "mae", "bias", "mad_std")
 
 
 class SpectrumRegressor(pl.LightningModule):
@@ -99,9 +107,24 @@ class SpectrumRegressor(pl.LightningModule):
     no code of its own: `__new__` checks the arguments of each call, and `validate_train_config` the config.
     """
 
+    #: Epochs a fit can take at most whatever trainer.max_epochs says (None: as many as the trainer allows).
+    max_fit_epochs: ClassVar[int | None] = None
+
     def __new__(cls, *args, **kwargs):
         check_call(cls, args, kwargs, "model")
         return super().__new__(cls)
+
+    @classmethod
+    def logged_metrics(cls, label_names: Sequence[str], values: Mapping[str, Any]) -> list[str]:
+        """The names a fit leaves in `trainer.callback_metrics` for these labels and model arguments `values`.
+
+        `optimized_metric` must name one of them; the config check asks before training, not after it.
+        """
+        names = ["train/loss_epoch", "val/loss", "val/loss_best", "val/mse", "val/mse_at_best"]
+        names += [f"val/{stat}_{label}" for label in label_names for stat in LABEL_STATS]
+        if str(values.get("loss", "mse")) == "gaussian_nll":
+            names += [f"val/sigma_scale_{label}" for label in label_names]
+        return names
 
     def __init__(
         self,
@@ -109,6 +132,8 @@ class SpectrumRegressor(pl.LightningModule):
         label_names: Sequence[str],
         label_mean: Sequence[float] | None = None,
         label_std: Sequence[float] | None = None,
+        label_min: Sequence[float] | None = None,
+        label_max: Sequence[float] | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         wavelength: torch.Tensor | None = None,
@@ -159,6 +184,15 @@ class SpectrumRegressor(pl.LightningModule):
             return self(flux), None  # through forward, so subclasses that override it keep working
         out = self.net(1.0 - flux).float()  # float32 even under mixed precision: log and 1/sigma^2 follow
         return out[:, : self.n_labels], F.softplus(out[:, self.n_labels :]) + SIGMA_MIN
+
+    def training_range(self) -> tuple[list[float], list[float], bool]:
+        """(low, high, saved) per label: the training labels' range as saved with the model (`saved`), or for a
+        checkpoint written before it was saved, label_mean -/+ 3 label_std."""
+        low, high = self.hparams.get("label_min"), self.hparams.get("label_max")
+        if low is not None and high is not None:
+            return [float(v) for v in low], [float(v) for v in high], True
+        mean, std = self.label_mean.tolist(), self.label_std.tolist()
+        return [m - 3 * s for m, s in zip(mean, std)], [m + 3 * s for m, s in zip(mean, std)], False
 
     def predict_physical(self, flux: torch.Tensor) -> torch.Tensor:
         return self(flux) * self.label_std + self.label_mean
@@ -272,7 +306,7 @@ class SpectrumRegressor(pl.LightningModule):
         self._epoch_sigma = None if sigma is None else (sigma * self.label_std).float().cpu().numpy()
         metrics = label_metrics(pred_phys, true_phys, self.label_names, self.label_mean.cpu().numpy())
         for label, row in metrics.items():
-            for name in ("rmse", "mae", "bias", "mad_std"):
+            for name in LABEL_STATS:
                 self.log(f"{stage}/{name}_{label}", row[name], **GLOBAL)
         self.log(f"{stage}/loss", loss.float(), prog_bar=True, **GLOBAL)
         self.log(f"{stage}/mse", mse.float(), **GLOBAL)
@@ -328,6 +362,7 @@ class SpectrumRegressor(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # predict.py and eval.py rebuild the model from the checkpoint alone
         checkpoint["stellarlab"] = {"model_class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        checksum.stamp(checkpoint)  # read back by eval.py, predict.py and resume: damaged weights are refused
         checkpoint["best_val_loss"] = self.best_val_loss
         checkpoint["best_val_mse"] = self.best_val_mse
 

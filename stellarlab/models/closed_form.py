@@ -11,7 +11,7 @@ the candidates (`alpha: [...]`, `k: [...]`) are compared on the validation split
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,13 @@ class ClosedFormRegressor(SpectrumRegressor):
 
     #: Name of the hyperparameter tuned on validation (`alpha`, `k`): logged as `model/<name>`.
     tuned: str = ""
+    max_fit_epochs = 1  # the solve ends the fit after its first epoch
+
+    @classmethod
+    def logged_metrics(cls, label_names: Sequence[str], values: Mapping[str, Any]) -> list[str]:
+        """The validation metrics of every model and the tuned value; no per-epoch training loss (no epochs)."""
+        names = [n for n in super().logged_metrics(label_names, values) if n != "train/loss_epoch"]
+        return [*names, f"model/{cls.tuned}"]
 
     @classmethod
     def check_together(cls, values: Mapping[str, Any]) -> None:

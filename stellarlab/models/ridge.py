@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -104,6 +104,11 @@ class RidgeRegressor(ClosedFormRegressor):
     """
 
     tuned = "alpha"
+
+    @classmethod
+    def logged_metrics(cls, label_names: Sequence[str], values: Mapping[str, Any]) -> list[str]:
+        """Ridge also logs the training loss of its solution (`_train_loss`)."""
+        return [*super().logged_metrics(label_names, values), "train/loss"]
 
     def __init__(
         self,

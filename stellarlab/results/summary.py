@@ -10,7 +10,8 @@ go through `read_summary`. A record has three parts:
 - testing (`TestResults`): `test_loss`, `test` (per label: rmse, mae, bias, mad_std, n, the
   mean-predictor RMSE, and `<metric>_ci` intervals when bootstrapped), `bootstrap` (its settings),
   `calibration` (models with sigmas), `crlb` (synthetic survey: RMSE against the Cramér–Rao bound),
-  `test_predictions` (the per-spectrum CSV).
+  `test_predictions` (the per-spectrum CSV). A run that tested nothing has `test: null` and `test_skipped`
+  (why: `test=false`, or an empty test split).
 
 A failed job of a sweep has `status: failed`, `error` {type, message}, `traceback` and `best_value: null`.
 """
@@ -72,8 +73,9 @@ def train_summary(
     best_checkpoint: str | None,
     resumed_from: dict | None = None,
     tested: TestResults | None = None,
+    test_skipped: str | None = None,
 ) -> dict:
-    """The record train.py writes: the run, its training and (when the test split is not empty) its test."""
+    """The record train.py writes: the run, its training and its test (or `test: null` and why, `test_skipped`)."""
     record = {
         **run,
         "optimized_metric": optimized_metric,
@@ -89,6 +91,8 @@ def train_summary(
         if tested.best_val_loss is not None:  # fit ran in spawned processes: only the test saw the value
             record["best_val_loss"] = float(tested.best_val_loss)
         record.update(tested.fields())
+    else:
+        record.update(test=None, test_skipped=test_skipped or "not tested")
     return record
 
 

@@ -17,6 +17,8 @@ folder before any task code runs, so an unwritable `paths.log_dir` can only be c
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stellarlab.checks import (
+    HYDRA_KEYS,
     _is_int,
     _is_number,
     _plain,
@@ -35,8 +38,11 @@ from stellarlab.checks import (
 )
 from stellarlab.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 #: Constructor arguments train.py fills in from the data (never typed in a config).
-MODEL_KEYS_FROM_DATA = {"n_pixels", "label_names", "label_mean", "label_std", "optimizer", "scheduler", "wavelength"}
+MODEL_KEYS_FROM_DATA = {"n_pixels", "label_names", "label_mean", "label_std", "label_min", "label_max", "optimizer",
+                        "scheduler", "wavelength"}
 #: The first argument of a `_partial_` optimizer / scheduler, supplied by `configure_optimizers`.
 SUPPLIED_LATER = {"optimizer": {"params"}, "scheduler": {"optimizer"}}
 
@@ -114,6 +120,9 @@ def _check_trainer(trainer: Mapping) -> None:
     for key, example in (("log_every_n_steps", "10"), ("check_val_every_n_epoch", "1")):
         if key in trainer:
             check_number(f"trainer.{key}", trainer[key], f"trainer.{key}={example}", minimum=1, integer=True, allow_null=True)
+    if "accumulate_grad_batches" in trainer:
+        check_number("trainer.accumulate_grad_batches", trainer["accumulate_grad_batches"],
+                     "trainer.accumulate_grad_batches=1 (1: a step per batch)", minimum=1, integer=True)
     devices = _plain(trainer.get("devices", 1))
     if not (devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1))
             or (isinstance(devices, list) and devices and all(_is_int(d) and d >= 0 for d in devices))):
@@ -180,6 +189,78 @@ def _check_survey_size(data_class: type, data: Mapping) -> None:
         )
 
 
+def _node_values(node: Mapping | None) -> dict[str, Any]:
+    return {str(k): _plain(v) for k, v in (node or {}).items() if str(k) not in HYDRA_KEYS}
+
+
+def _check_validation_runs(trainer: Mapping, model_class: type | None, model: Mapping | None) -> None:
+    """Validation must run at least once: without it nothing is monitored, no best checkpoint is kept, and the
+    run trains to the end before failing on a metric that was never logged."""
+    every, max_epochs = _plain(trainer.get("check_val_every_n_epoch", 1)), _plain(trainer.get("max_epochs"))
+    if not _is_int(every) or every <= 1:
+        return
+    fit_epochs = getattr(model_class, "max_fit_epochs", None)
+    if fit_epochs is not None and every > fit_epochs:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every}: {model['_target_']} is fitted in {fit_epochs} epoch(s), so "
+            f"validation would never run; set trainer.check_val_every_n_epoch=1"
+        )
+    if _is_int(max_epochs) and max_epochs >= 1 and every > max_epochs:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every} is larger than trainer.max_epochs={max_epochs}: validation would "
+            f"never run (no val/loss, no best checkpoint); lower trainer.check_val_every_n_epoch or raise trainer.max_epochs"
+        )
+
+
+def _check_optimized_metric(cfg, model_class: type | None, data_class: type | None) -> None:
+    """`optimized_metric` against what the model logs for these labels (`logged_metrics`), before training."""
+    metric = cfg.get("optimized_metric")
+    logged_metrics = getattr(model_class, "logged_metrics", None)
+    planned_label_names = getattr(data_class, "planned_label_names", None)
+    if metric is None or logged_metrics is None or planned_label_names is None:
+        return  # a model or DataModule from outside stellarlab: train.py checks the metric after the fit
+    labels = planned_label_names(with_defaults(data_class, _node_values(cfg.get("data"))))
+    names = logged_metrics(labels, with_defaults(model_class, _node_values(cfg.get("model"))))
+    if str(metric) not in names:
+        close = difflib.get_close_matches(str(metric), names, n=1)
+        hint = f"did you mean optimized_metric={close[0]}? " if close else ""
+        raise ConfigError(
+            f"optimized_metric={metric} is not a metric {cfg.model._target_} logs for data.labels={_show(labels)}; "
+            f"{hint}it logs: {', '.join(names)}"
+        )
+
+
+def predict_settings(cfg) -> tuple[str, int, float]:
+    """(device, batch size, outside_tolerance) of a predict.py config, checked by train's rules; the old
+    top-level keys still count.
+
+    `accelerator=` and `batch_size=` are the old spellings of `trainer.accelerator=` and `data.eval_batch_size=`:
+    a message names the key the user typed.
+    """
+    from stellarlab.data.base import EVAL_BATCH_SIZE
+    from stellarlab.run.devices import check_trainer_config
+
+    chosen = {}
+    for old, group, key in (("accelerator", "trainer", "accelerator"), ("batch_size", "data", "eval_batch_size")):
+        if cfg.get(old) is not None:
+            log.warning("%s= is deprecated: use %s.%s=%s", old, group, key, _show(_plain(cfg[old])))
+            chosen[key] = (old, _plain(cfg[old]))
+        else:
+            chosen[key] = (f"{group}.{key}", _plain((cfg.get(group) or {}).get(key)))
+    key, batch_size = chosen["eval_batch_size"]
+    EVAL_BATCH_SIZE.check(key, batch_size)
+    tolerance = _plain(cfg.get("outside_tolerance", 0.2))
+    check_number("outside_tolerance", tolerance, "outside_tolerance=0.2 (of the training range, each side)", minimum=0)
+    key, accelerator = chosen["accelerator"]
+    try:
+        device = check_trainer_config(accelerator, "32-true")
+    except ConfigError as err:
+        if key == "trainer.accelerator":
+            raise
+        raise ConfigError(str(err).replace("trainer.accelerator=", f"{key}=", 1)) from None
+    return device, int(batch_size or 1024), float(tolerance)
+
+
 def validate_train_config(cfg) -> None:
     """Raise ConfigError for the first value of a train/eval config that cannot work; return None otherwise."""
     seed = cfg.get("seed")
@@ -202,12 +283,16 @@ def validate_train_config(cfg) -> None:
     # Checks below import the targets (torch, Lightning): after the cheap ones. Each class checks its own arguments.
     supplied = {"optimizer": SUPPLIED_LATER["optimizer"], "scheduler": SUPPLIED_LATER["scheduler"],
                 "model": MODEL_KEYS_FROM_DATA, "data": set()}
+    targets = {}
     for group, keys in supplied.items():
-        target = locate_target(group, cfg.get(group))
+        target = targets[group] = locate_target(group, cfg.get(group))
         if target is not None:
             check_arguments(target, cfg[group], group, keys)
             if group == "data":
                 _check_survey_size(target, cfg.data)
+    if cfg.get("trainer") is not None:
+        _check_validation_runs(cfg.trainer, targets["model"], cfg.get("model"))
+    _check_optimized_metric(cfg, targets["model"], targets["data"])
     trainer = cfg.get("trainer")
     if trainer is not None and "accelerator" in trainer:
         from stellarlab.run.devices import check_trainer_config
@@ -247,4 +332,4 @@ class OutputFolderCheck(Callback):
         self._check(config.hydra.sweep.dir, "sweep")
 
 
-__all__ = ["OutputFolderCheck", "check_writable_folder", "validate_train_config", "writable_folder_problem"]
+__all__ = ["OutputFolderCheck", "check_writable_folder", "predict_settings", "validate_train_config", "writable_folder_problem"]
