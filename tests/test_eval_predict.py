@@ -73,8 +73,43 @@ def test_predict_on_npy_gives_the_test_step_predictions(trained, tmp_path):
     for label in ("teff", "logg", "fe_h"):
         np.testing.assert_allclose(catalog[label], expected[f"{label}_pred"], rtol=1e-5)
         assert np.isnan(np.ma.filled(catalog[f"{label}_err"], np.nan)).all()  # an MSE model predicts no uncertainty
+        assert not catalog[f"{label}_outside"].any()  # the test stars lie within the training range
     csv = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
     np.testing.assert_allclose(csv["teff"], catalog["teff"], rtol=1e-6)
+
+
+def test_predict_flags_a_spectrum_of_nonsense_instead_of_returning_a_plain_row(trained, tmp_path):
+    flux = _test_flux(trained)[:3].copy()
+    flux[1] = 1e30
+    np.save(tmp_path / "flux.npy", flux)
+    out = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'flux.npy'}", log_dir=tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-2000:]
+    catalog = Table.read(next((tmp_path / "out").rglob("predictions.fits")))
+    for label in ("teff", "logg", "fe_h"):
+        assert list(catalog[f"{label}_outside"]) == [False, True, False], label
+    csv = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
+    assert [str(v) for v in csv["teff_outside"]] == ["False", "True", "False"]
+    assert "1 of 3 spectra have a prediction outside the training labels' range widened by 0.2 of its width" in out.stdout + out.stderr
+    log = next((tmp_path / "out").rglob("predict.log")).read_text()
+    assert "1 of 3 spectra have a prediction outside" in log
+
+
+def test_eval_and_predict_refuse_a_checkpoint_with_flipped_bytes(trained, tmp_path):
+    import torch
+
+    data = bytearray(trained["ckpt"].read_bytes())
+    weights = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    needle = max(weights.values(), key=lambda t: t.numel()).reshape(-1)[:16].numpy().tobytes()
+    data[data.find(needle) + 5] ^= 0x10
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    np.save(tmp_path / "flux.npy", _test_flux(trained)[:2])
+    line = f"error: checkpoint {damaged} is damaged: its weights do not match their checksum; "
+    for argv in (["eval.py", f"ckpt_path={damaged}"], ["predict.py", f"ckpt_path={damaged}", f"input={tmp_path / 'flux.npy'}"]):
+        out = _script(*argv, log_dir=tmp_path / argv[0])
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr[-2000:]
+        assert not list((tmp_path / argv[0]).rglob("*.csv")) and not list((tmp_path / argv[0]).rglob("metrics.json"))
 
 
 def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained, tmp_path):

@@ -43,12 +43,40 @@ def resample(flux: np.ndarray, weight: np.ndarray, wave_in: np.ndarray, wave_out
     return out_flux, out_weight
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_npy_header(path: Path) -> None:
+    """DataError for a file that is no .npy file, or one of Python objects: numpy's own errors for both read
+    like a damaged file. A header it cannot parse is left to the reader (a truncated file)."""
+    dtype = None
+    try:
+        with open(path, "rb") as fh:
+            start = fh.read(len(NPY_MAGIC))
+            if start == NPY_MAGIC:
+                fh.seek(0)
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                dtype = read(fh)[2]
+    except (OSError, ValueError, EOFError):
+        return
+    if start.startswith(b"SIMPLE"):
+        raise DataError(f"{path} is not a .npy file (a FITS file? use format=auto, which tells the format from the name)")
+    if start != NPY_MAGIC and len(start) == len(NPY_MAGIC):
+        raise DataError(f"{path} is not a .npy file (it lacks numpy's header); write the spectra with np.save, "
+                        "or give the file's own format with format=")
+    if dtype is not None and dtype.hasobject:
+        raise DataError(f"{path} holds Python objects (dtype {dtype}), not numbers; save the flux as a float array, "
+                        "e.g. np.save(path, np.asarray(flux, dtype=np.float32))")
+
+
 def read_npy(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray,
              input_wavelength: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """predict.py's reader of an (N, pixels) or (pixels,) `.npy` array: (flux, weight, ids) on the model's grid.
 
     Spectra on another grid are resampled onto it when `input_wavelength` names their wavelengths."""
     n_pixels = len(wavelength)
+    _check_npy_header(path)
     try:
         flux = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:

@@ -1,8 +1,10 @@
 """Apply a trained checkpoint to new spectra: read them as training did, predict, write a catalogue.
 
-A checkpoint carries everything needed: the model class and weights, the label names and their
-normalisation, the wavelength grid, and the preprocessing of the data it was trained on (saved by
-the DataModule's `state_dict`). `predict.py` is the command-line front end.
+A checkpoint carries everything needed: the model class and weights (with their SHA-256, checked on
+reading), the label names, their normalisation and training range, the wavelength grid, and the
+preprocessing of the data it was trained on (saved by the DataModule's `state_dict`). `predict.py` is
+the command-line front end. A prediction outside the training labels' range (widened by a tolerance)
+is flagged in the catalogue (`<label>_outside`): a model extrapolates there, or was fed garbage.
 """
 
 from __future__ import annotations
@@ -38,16 +40,23 @@ class Spectra:
 
 # -- the checkpoint --------------------------------------------------------------------------------
 def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
-    """The raw checkpoint dict (tensors and plain types only), with a clear error for a bad path or file."""
+    """The raw checkpoint dict (tensors and plain types only), with a clear error for a bad path or file.
+
+    Its weights are checked against the checksum saved with them: flipped bytes still unpickle."""
     import torch
+
+    from stellarlab.models import checksum
 
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such file; checkpoints are in <run folder>/checkpoints/ (best-*.ckpt, last.ckpt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle from elsewhere, ...
         raise DataError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); is the file complete?") from err
+    checksum.verify(checkpoint, path, "copy it again from where it was trained, or use another checkpoint of the run "
+                                      "(<run folder>/checkpoints/best-*.ckpt, last.ckpt)")
+    return checkpoint
 
 
 def model_class_of(checkpoint: dict, ckpt_path: str | os.PathLike):
@@ -87,7 +96,7 @@ def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
 def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
     """Files named directly, or every file of the format in a folder (sorted, so output order is stable)."""
     _check_format(fmt)
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
     formats = surveys.input_formats() if fmt == "auto" else [surveys.input_format(fmt)]
     patterns = list(dict.fromkeys(g for f in formats for g in f.globs))
     files: list[Path] = []
@@ -102,7 +111,16 @@ def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
             files.append(path)
         else:
             raise DataError(f"input {path}: no such file or folder; give input=<file>, <folder> or [<file>,<file>,...]")
+    seen: dict[Path, Path] = {}
+    for path in files:  # the same spectra twice would be two rows with one id
+        if path.resolve() in seen:
+            raise DataError(f"input names {path} more than once (input={_listed(items)}); give each file or folder once")
+        seen[path.resolve()] = path
     return files
+
+
+def _listed(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "[" + ",".join(items) + "]"
 
 
 def _check_format(fmt: str) -> None:
@@ -174,8 +192,33 @@ def predict(model, flux: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray
     return np.concatenate(means), np.concatenate(sigmas)
 
 
-def catalog_table(spectra: Spectra, label_names: Sequence[str], labels: np.ndarray, sigma: np.ndarray):
-    """One row per spectrum: id, file, each label and its uncertainty, and the fraction of usable pixels."""
+def outside_training_range(model, labels: np.ndarray, tolerance: float) -> np.ndarray:
+    """(N, L) True where a predicted label is not finite or lies outside the training labels' range widened by
+    `tolerance` times its width on each side (a checkpoint without a saved range: label_mean -/+ 3 label_std)."""
+    low, high, saved = model.training_range()
+    if not saved:
+        log.warning("the checkpoint predates saved training ranges: predictions are flagged outside label_mean -/+ "
+                    "3 label_std instead")
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    margin = tolerance * (high - low)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(labels) | (labels < low - margin) | (labels > high + margin)
+
+
+def report_outside(label_names: Sequence[str], outside: np.ndarray, tolerance: float) -> str | None:
+    """The warning line for flagged rows, or None when no row is flagged."""
+    rows = outside.any(axis=1)
+    if not rows.any():
+        return None
+    per_label = ", ".join(f"{name}: {int(n)}" for name, n in zip(label_names, outside.sum(axis=0)) if n)
+    return (f"{int(rows.sum())} of {len(rows)} spectra have a prediction outside the training labels' range widened by "
+            f"{tolerance:g} of its width ({per_label}); their rows have <label>_outside=True: do not trust those values")
+
+
+def catalog_table(spectra: Spectra, label_names: Sequence[str], labels: np.ndarray, sigma: np.ndarray,
+                  outside: np.ndarray | None = None):
+    """One row per spectrum: id, file, each label, its uncertainty and whether it lies outside the training range
+    (`<label>_outside`, when `outside` is given), and the fraction of usable pixels."""
     from astropy.table import Table
 
     table = Table()
@@ -184,6 +227,8 @@ def catalog_table(spectra: Spectra, label_names: Sequence[str], labels: np.ndarr
     for j, name in enumerate(label_names):
         table[name] = labels[:, j].astype(np.float64)
         table[f"{name}_err"] = sigma[:, j].astype(np.float64)
+        if outside is not None:
+            table[f"{name}_outside"] = outside[:, j]
     table["good_pixel_fraction"] = (spectra.weight > 0).mean(axis=1)
     return table
 
