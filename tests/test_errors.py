@@ -182,6 +182,21 @@ TRAIN_CONFIG_CASES = [
     ("bootstrap level above 1", ["bootstrap.level=1.5"], r"bootstrap\.level=1\.5 .*> 0 and < 1", r"e\.g\. bootstrap\.level=0\.95"),
     ("negative malloc block size", ["malloc_keep_block_mb=-5"], r"malloc_keep_block_mb=-5 is not valid: it must be a number >= 0 or null",
      r"e\.g\. malloc_keep_block_mb=1024 \(null: malloc's defaults\)"),
+    ("optimized metric the model never logs", ["optimized_metric=val/los"],
+     r"optimized_metric=val/los is not a metric stellarlab\.models\.mlp\.MLPRegressor logs for data\.labels=\[teff,logg,fe_h\]",
+     r"did you mean optimized_metric=val/loss\? it logs: train/loss_epoch, val/loss, val/loss_best"),
+    ("optimized metric of a label not trained on", ["optimized_metric=val/rmse_alpha_fe"],
+     r"optimized_metric=val/rmse_alpha_fe is not a metric", r"did you mean optimized_metric=val/rmse_fe_h\?"),
+    ("split seed not a number", ["data.split_seed=abc"], r"data\.split_seed=abc is not valid: it must be an integer >= 0",
+     r"e\.g\. data\.split_seed=42"),
+    ("gradient accumulation over 0 batches", ["+trainer.accumulate_grad_batches=0"],
+     r"trainer\.accumulate_grad_batches=0 is not valid: it must be an integer >= 1", r"e\.g\. trainer\.accumulate_grad_batches=1"),
+    ("validation less often than the last epoch", ["trainer.check_val_every_n_epoch=30"],
+     r"trainer\.check_val_every_n_epoch=30 is larger than trainer\.max_epochs=20: validation would never run",
+     r"lower trainer\.check_val_every_n_epoch or raise trainer\.max_epochs"),
+    ("closed-form model validated every 2 epochs", ["model=ridge", "trainer.check_val_every_n_epoch=2"],
+     r"trainer\.check_val_every_n_epoch=2: stellarlab\.models\.ridge\.RidgeRegressor is fitted in 1 epoch\(s\), so validation would never run",
+     r"set trainer\.check_val_every_n_epoch=1"),
 ]
 for _name, _overrides, _problem, _fix in TRAIN_CONFIG_CASES:
     case(_name, _problem, _fix)(lambda env, o=tuple(_overrides): run_train(env, *o))
@@ -576,6 +591,97 @@ def _(env):
     return raised(DataError, read_checkpoint, path)
 
 
+@case("object array saved as .npy (predict)", r"objects\.npy holds Python objects \(dtype object\), not numbers",
+      r"save the flux as a float array, e\.g\. np\.save\(path, np\.asarray\(flux, dtype=np\.float32\)\)")
+def _(env):
+    path = env.tmp / "objects.npy"
+    np.save(path, np.array([np.ones(APOGEE_PIXELS), "not a spectrum"], dtype=object), allow_pickle=True)
+    return raised(DataError, read_npy, env, path=path)
+
+
+@case("FITS file read with format=npy (predict)", r"aspcapStar-x\.fits is not a \.npy file \(a FITS file\?",
+      r"use format=auto, which tells the format from the name")
+def _(env):
+    from stellarlab.grids import apogee_wavelength
+    from stellarlab.results.prediction import read_spectra
+
+    path = write_aspcapstar(env.tmp / "aspcapStar-x.fits", np.ones(APOGEE_PIXELS), np.full(APOGEE_PIXELS, 0.01))
+    return raised(DataError, read_spectra, [path], "npy", {}, apogee_wavelength())
+
+
+@case("the same input file twice (predict)", r"input names .*twice\.npy more than once \(input=\[.*twice\.npy,.*twice\.npy\]\)",
+      r"give each file or folder once")
+def _(env):
+    from stellarlab.results.prediction import find_inputs
+
+    np.save(env.tmp / "twice.npy", np.ones((2, APOGEE_PIXELS), np.float32))
+    return raised(DataError, find_inputs, [str(env.tmp / "twice.npy")] * 2, "auto")
+
+
+def damaged_copy(env: Env, source: Path) -> Path:
+    """A copy of checkpoint `source` with one byte of its largest weight flipped: it still unpickles."""
+    import torch
+
+    weights = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+    tensor = max(weights.values(), key=lambda t: t.numel())
+    data, needle = bytearray(source.read_bytes()), tensor.reshape(-1)[:16].numpy().tobytes()
+    at = data.find(needle)
+    assert at > 0 and data.find(needle, at + 1) < 0
+    data[at + 5] ^= 0x10
+    path = env.tmp / "damaged.ckpt"
+    path.write_bytes(bytes(data))
+    torch.load(path, map_location="cpu", weights_only=True)  # still readable: only the checksum tells
+    return path
+
+
+@case("checkpoint with flipped bytes", r"checkpoint .*damaged\.ckpt is damaged: its weights do not match their checksum",
+      r"copy it again from where it was trained, or use another checkpoint of the run")
+def _(env):
+    from stellarlab.results.prediction import read_checkpoint
+
+    return raised(DataError, read_checkpoint, damaged_copy(env, Path(env.files["checkpoint"]())))
+
+
+def run_predict(env: Env, *overrides: str) -> str:
+    """`python predict.py <overrides>` in this process: SystemExit(2) and one error line."""
+    predict_script = importlib.import_module("predict")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="predict", return_hydra_config=True,
+                      overrides=[f"ckpt_path={env.tmp / 'model.ckpt'}", f"input={env.tmp}", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(env.tmp / "predict")
+    HydraConfig.instance().set_config(cfg)
+    env.capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.main(cfg)
+    assert exit_info.value.code == 2
+    assert not (env.tmp / "predict").exists()
+    return error_line(env.capsys.readouterr().err)
+
+
+@case("predict batch of 0 spectra", r"data\.eval_batch_size=0 is not valid: it must be an integer >= 1", r"e\.g\. data\.eval_batch_size=512")
+def _(env):
+    return run_predict(env, "data.eval_batch_size=0")
+
+
+@case("predict batch_size that is not a number (old key)", r"^error: batch_size=abc is not valid: it must be an integer >= 1",
+      r"e\.g\. data\.eval_batch_size=512")
+def _(env):
+    return run_predict(env, "batch_size=abc")
+
+
+@case("predict on an accelerator this machine lacks (old key)", r"^error: accelerator=(cuda|mps) is not available on this machine",
+      r"use trainer\.accelerator=auto to pick the best one")
+def _(env):
+    from stellarlab.run.devices import available_accelerators
+
+    missing = [a for a in ("cuda", "mps") if a not in available_accelerators()]
+    if not missing:
+        pytest.skip("this machine has both CUDA and MPS")
+    return run_predict(env, f"accelerator={missing[0]}")
+
+
 # -- eval.py --------------------------------------------------------------------------------------
 @case("checkpoint evaluated on data on another grid",
       r"the checkpoint was trained on a 8575-pixel grid, data=.*SyntheticDataModule gives 7514 pixels",
@@ -609,9 +715,39 @@ def _(env):
     return error_line(env.capsys.readouterr().err)
 
 
-@case("download option out of range (subprocess)", r"^error: download\.workers must be >= 1, got 0", r"must be >= 1")
+@case("download option out of range (subprocess)", r"^error: download\.workers=0 is not valid: it must be an integer >= 1",
+      r"e\.g\. download\.workers=4$")
 def _(env):
     return error_line(run_cli(env, "-m", "stellarlab.download", "data=galah", "download.workers=0", f"paths.data_dir={env.tmp}"))
+
+
+def download_error(env: Env, *overrides: str) -> str:
+    """`python -m stellarlab.download data=galah <overrides>` in this process (a dry run, in case a value got through):
+    the ConfigError, before any request."""
+    from stellarlab.download.command import download
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="download", overrides=["data=galah", f"paths.root_dir={env.tmp}", "download.dry_run=true", *overrides])
+    message = raised(ConfigError, download, cfg)
+    assert not any(env.tmp.iterdir())
+    return message
+
+
+DOWNLOAD_CASES = [
+    ("download workers not a number", "download.workers=abc", r"download\.workers=abc is not valid: it must be an integer >= 1",
+     r"e\.g\. download\.workers=4"),
+    ("download max_stars not a number", "download.max_stars=abc", r"download\.max_stars=abc is not valid: it must be an integer >= 1",
+     r"or null; e\.g\. download\.max_stars=5000 \(null: all stars\)"),
+    ("download timeout of nan", "download.timeout=nan", r"download\.timeout=nan is not valid: it must be a number > 0",
+     r"e\.g\. download\.timeout=60\.0 \(seconds\)"),
+    ("download retries not an integer", "download.retries=1.5", r"download\.retries=1\.5 is not valid: it must be an integer >= 0",
+     r"e\.g\. download\.retries=5"),
+    ("download verify neither true nor false", "download.verify=maybe", r"download\.verify=maybe is not valid: it must be true or false",
+     r"e\.g\. download\.verify=true"),
+]
+for _name, _override, _problem, _fix in DOWNLOAD_CASES:
+    case(_name, _problem, _fix)(lambda env, o=_override: download_error(env, o))
 
 
 # -- module-wide files ----------------------------------------------------------------------------
