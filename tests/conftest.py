@@ -74,6 +74,22 @@ def warm_cache(survey_cache) -> Path:
     return survey_cache
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, survey_cache) -> dict:
+    """One tiny MLP run through train.py, in a subprocess, with the folders a user gets: for the tests of
+    what comes after training (eval, predict, checkpoints)."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("trained")
+    overrides = ["data.n_stars=600", "data.batch_size=32", "trainer.max_epochs=4", "trainer.accelerator=cpu",
+                 "~callbacks.progress_bar"]
+    cmd = [sys.executable, "train.py", *overrides, f"paths.log_dir={tmp}/out", f"paths.cache_dir={survey_cache}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    run = next((tmp / "out" / "train" / "runs").iterdir())
+    return {"tmp": tmp, "run": run, "ckpt": next((run / "checkpoints").glob("best-*.ckpt")), "cache": survey_cache}
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, survey_cache):
     def make(*overrides: str, run_name: str = "run") -> DictConfig:
