@@ -240,10 +240,10 @@ def predict_settings(cfg) -> tuple[str, int, float]:
     from stellarlab.data.base import EVAL_BATCH_SIZE
     from stellarlab.run.devices import check_trainer_config
 
-    chosen = {}
+    chosen, notes = {}, []
     for old, group, key in (("accelerator", "trainer", "accelerator"), ("batch_size", "data", "eval_batch_size")):
         if cfg.get(old) is not None:
-            log.warning("%s= is deprecated: use %s.%s=%s", old, group, key, _show(_plain(cfg[old])))
+            notes.append(f"{old}= is deprecated: use {group}.{key}={_show(_plain(cfg[old]))}")
             chosen[key] = (old, _plain(cfg[old]))
         else:
             chosen[key] = (f"{group}.{key}", _plain((cfg.get(group) or {}).get(key)))
@@ -258,6 +258,8 @@ def predict_settings(cfg) -> tuple[str, int, float]:
         if key == "trainer.accelerator":
             raise
         raise ConfigError(str(err).replace("trainer.accelerator=", f"{key}=", 1)) from None
+    for note in notes:  # after the checks: a refused value gets its error line only
+        log.warning("%s", note)
     return device, int(batch_size or 1024), float(tolerance)
 
 
