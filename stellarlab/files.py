@@ -109,6 +109,32 @@ def temporary_sibling(final: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path, marker: str) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; when the block succeeds, rename it to `final`.
+
+    The block writes `marker` (a file inside) last: its presence marks a complete folder. A folder under
+    the final name without it (a crash, an interrupted copy) is replaced; a complete one that another
+    process published meanwhile is kept and this copy dropped. On an exception nothing is published.
+    """
+    tmp = temporary_sibling(final)
+    try:
+        yield tmp
+        fsync_folder(tmp)
+        if final.exists() and not (final / marker).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / marker).is_file():
+                raise
+            log.info("another process published %s first; keeping its copy", final)
+        fsync_folder(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bytes_atomic(path: str | os.PathLike, write) -> Path:
     """Call `write(binary file)` on a temporary beside `path`, fsync, rename into place."""
     with atomic_path(path, keep_suffix=False) as tmp:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from stellarlab.errors import DataError
-from stellarlab.files import temporary_sibling
+from stellarlab.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,14 @@ class ArrayCache:
         On an exception nothing is published and the temporary folder is removed. If another process
         published the same cache meanwhile, its copy is kept and this one discarded.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(self.path)
         specs = {name: (tuple(int(s) for s in shape), np.dtype(dtype)) for name, (shape, dtype) in specs.items()}
-        writer = None
-        try:
+        with atomic_folder(self.path, META_FILE) as tmp:
             writer = CacheWriter(tmp, specs)
-            writer.meta.update(meta or {})
-            yield writer
-            writer.close()
+            try:
+                writer.meta.update(meta or {})
+                yield writer
+            finally:
+                writer.close()
             full_meta = {
                 **writer.meta,
                 "config": self.config,
@@ -177,19 +176,6 @@ class ArrayCache:
                 json.dump(full_meta, fh, indent=2, sort_keys=True, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if self.path.exists() and not self.exists():  # an incomplete folder under the final name (old format, crash)
-                shutil.rmtree(self.path, ignore_errors=True)
-            try:
-                os.replace(tmp, self.path)
-            except OSError:
-                if not self.exists():
-                    raise
-                log.info("another process published %s first; keeping its copy", self.path)
-        finally:
-            if writer is not None:
-                writer.close()
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def write(self, arrays: Mapping[str, np.ndarray], meta: Mapping | None = None) -> None:
         """Write whole in-memory arrays at once (same atomic publication as `writer`)."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from stellarlab.errors import DataError
-from stellarlab.files import temporary_sibling
+from stellarlab.files import atomic_folder
 from stellarlab.grids import SURVEYS, survey_grid
 from stellarlab.synthetic.generator import (
     GENERATOR_VERSION,
@@ -146,25 +146,15 @@ def _generate(params: dict, progress: bool) -> SyntheticSurvey:
 
 
 def _write_cache(result: SyntheticSurvey, final: Path, key: str) -> None:
-    """Write into a temporary sibling directory, then rename it into place (atomic on POSIX)."""
-    tmp = temporary_sibling(final)  # also removes the leftovers of killed builds
-    try:
+    """Write into a temporary sibling folder, `params.json` last, then rename it into place."""
+    with atomic_folder(final, "params.json") as tmp:
         for name in ARRAY_FIELDS:
             np.save(tmp / f"{name}.npy", getattr(result, name))
         meta = {"params": result.params, "key": key, "generator_version": GENERATOR_VERSION,
                 "label_names": list(result.label_names), "survey": result.survey,
                 "linelists": linelist_hashes(result.survey)}
-        # params.json last: its presence marks a complete directory even for a non-atomic filesystem.
         with open(tmp / "params.json", "w") as fh:
             json.dump(meta, fh, indent=2, sort_keys=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "params.json").exists():  # someone else's complete copy is fine; else re-raise
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _discard(path: Path, why: str) -> None:
