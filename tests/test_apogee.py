@@ -407,22 +407,34 @@ def test_data_errors_are_clear(survey, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:File may have been truncated")
-def test_a_bad_spectrum_file_stops_the_build_and_is_named(survey, tmp_path):
+def test_bad_spectrum_files_are_skipped_and_listed_or_with_strict_all_named_in_one_error(survey, tmp_path, caplog):
     broken = tmp_path / "survey"
     shutil.copytree(survey.root, broken)
     files = sorted((broken / "aspcapStar").rglob("aspcapStar-*.fits"))
-    files[10].write_bytes(files[10].read_bytes()[:9000])
+    files[10].write_bytes(files[10].read_bytes()[:9000])  # truncated
+    fx.write_aspcapstar(files[20], np.ones(8000), np.ones(8000))  # another grid
     s = fx.SurveyFiles(broken, broken / survey.catalog.name, broken / "aspcapStar", "aspcapStar", survey.columns,
                        survey.labels, survey.written)
-    dm = datamodule(s, tmp_path / "cache", workers=2)
-    with pytest.raises(DataError, match=rf"corrupt or (unreadable|incomplete) FITS file .*{re.escape(files[10].name)}"):
-        dm.prepare_data()
-    assert not dm.cache.exists() and not any((tmp_path / "cache").glob(".*tmp*"))
-    fx.write_aspcapstar(files[10], np.ones(8000), np.ones(8000))
-    with pytest.raises(DataError, match=rf"{re.escape(files[10].name)}: HDU1 has shape \(8000,\), expected 8575 pixels"):
-        datamodule(s, tmp_path / "cache").prepare_data()
+    for rel in datamodule(s, tmp_path / "probe")._select()[2]["missing_examples"]:  # strict also refuses missing files
+        shutil.copy(files[0], broken / "aspcapStar" / rel)
+    files = sorted((broken / "aspcapStar").rglob("aspcapStar-*.fits"))
+    strict = datamodule(s, tmp_path / "strict", workers=2, strict=True)
+    with pytest.raises(DataError) as info:
+        strict.prepare_data()
+    message = str(info.value)
+    assert message.startswith("2 of ") and "cannot be read (data.strict=true); download them again" in message
+    assert re.search(rf"corrupt or (unreadable|incomplete) FITS file .*{re.escape(files[10].name)}", message)
+    assert re.search(rf"{re.escape(files[20].name)}: HDU1 has shape \(8000,\), expected 8575 pixels", message)
+    assert not strict.cache.exists() and not any((tmp_path / "strict").glob(".*tmp*"))
 
-
+    dm = datamodule(s, tmp_path / "cache", workers=2)  # data.strict=false: one bad file is not a stop
+    dm.prepare_data()
+    dm.setup("fit")
+    assert "skipped 2 of" in caplog.text and files[10].name in caplog.text
+    bad = dm.cache.meta["unreadable_files"]
+    assert [Path(b["file"]).name for b in bad] == sorted([files[10].name, files[20].name], key=[f.name for f in files].index)
+    kept = sum(len(v) for v in dm.split_index.values())
+    assert kept == dm.cache.meta["report"]["n_stars"] - 2  # their stars are left out, the others train
 def test_a_changed_catalogue_rebuilds_the_cache(survey, tmp_path):
     root = tmp_path / "survey"
     root.mkdir()

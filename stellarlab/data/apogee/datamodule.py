@@ -298,10 +298,13 @@ class APOGEEDataModule(SpectraDataModule):
         tasks = ((i, paths[i : i + self.chunk_size], self.pixel_config) for i in range(0, len(paths), self.chunk_size))
         flux_file, weight_file = writer["flux"], writer["weight"]
 
+        bad: list[tuple[int, str]] = []
+
         def store(result) -> int:
-            first, flux, weight = result
+            first, flux, weight, failed = result
             flux_file[first : first + len(flux)] = flux
             weight_file[first : first + len(flux)] = weight
+            bad.extend(failed)
             return len(flux)
 
         start = time.perf_counter()
@@ -325,4 +328,15 @@ class APOGEEDataModule(SpectraDataModule):
                         bar.update(store(future.result()))
                 finally:
                     pool.shutdown(wait=True, cancel_futures=True)
+        if bad:
+            bad.sort()
+            if self.strict:
+                raise DataError(
+                    f"{len(bad)} of {len(paths)} {self.source} files cannot be read (data.strict=true); download them "
+                    f"again (python -m stellarlab.download data=apogee) or set data.strict=false to skip them: "
+                    + "; ".join(message for _, message in bad)
+                )
+            log.warning("skipped %d of %d %s files that cannot be read (their stars are left out; data.strict=true makes "
+                        "this an error):\n  %s", len(bad), len(paths), self.source, "\n  ".join(m for _, m in bad))
+        writer.meta["unreadable_files"] = [{"row": row, "file": relpaths[row], "error": message} for row, message in bad]
         return time.perf_counter() - start

@@ -221,14 +221,22 @@ def load_spectrum(path, cfg: PixelConfig) -> tuple[np.ndarray, np.ndarray]:
     return spectrum_arrays(flux, err, mask, cfg)
 
 
-def load_chunk(task: tuple[int, Sequence[str], PixelConfig]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Worker entry point: (first row, paths, config) -> (first row, flux (k, P), weight (k, P))."""
+def load_chunk(task: tuple[int, Sequence[str], PixelConfig]) -> tuple[int, np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Worker entry point: (first row, paths, config) -> (first row, flux (k, P), weight (k, P), bad files).
+
+    A file that cannot be read (truncated, wrong HDUs, another grid) does not stop the chunk: its row
+    gets no usable pixel (flux 1, weight 0) and (row, message) is returned, for the caller to list."""
     start, paths, cfg = task
     flux = np.empty((len(paths), cfg.n_pixels), dtype=np.float32)
     weight = np.empty_like(flux)
+    bad: list[tuple[int, str]] = []
     for i, path in enumerate(paths):
-        flux[i], weight[i] = load_spectrum(path, cfg)
-    return start, flux, weight
+        try:
+            flux[i], weight[i] = load_spectrum(path, cfg)
+        except DataError as err:
+            flux[i], weight[i] = 1.0, 0.0
+            bad.append((start + i, str(err)))
+    return start, flux, weight, bad
 
 
 def read_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength=None):
