@@ -486,3 +486,13 @@ def test_galah_cnn_experiment_runs_end_to_end_on_galah4_files(galah4, tmp_path):
     # 3 conv blocks (conv + batch norm) then 256 x 32 features -> 128 -> 3
     convs = 1 * 8 * 7 + 8 + 8 * 16 * 7 + 16 + 16 * 32 * 7 + 32 + 2 * (8 + 16 + 32)
     assert metrics["n_parameters"] == convs + 256 * 32 * 128 + 128 + 128 * 3 + 3
+
+
+def test_galah_spellings_of_labels_pass_the_optimized_metric_check(tmp_path):
+    from stellarlab.run.validation import validate_train_config
+
+    cfg = compose_config(["data=galah", "data.labels=[t_eff,log_g]", "optimized_metric=val/rmse_teff"], tmp_path=tmp_path)
+    validate_train_config(cfg)  # galah4's t_eff is logged as teff
+    bad = compose_config(["data=galah", "data.labels=[t_eff,log_g]", "optimized_metric=val/rmse_t_eff"], tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match=r"optimized_metric=val/rmse_t_eff is not a metric .*did you mean optimized_metric=val/rmse_teff"):
+        validate_train_config(bad)

@@ -44,6 +44,11 @@ class GALAHDataModuleBase(SpectraDataModule):
 
     survey_name: ClassVar[str]
 
+    @classmethod
+    def planned_label_names(cls, values) -> list[str]:
+        """GALAH spellings (t_eff, log_g, feh) are renamed to the canonical names the metrics are logged under."""
+        return [canonical_label(str(n)) for n in values["labels"]]
+
     def __init__(self, flux_transform: str = "none", flux_floor: float = 0.2, **kwargs):
         super().__init__(**kwargs)
         if flux_transform not in FLUX_TRANSFORMS:
