@@ -1,94 +1,12 @@
-"""Re-test a trained checkpoint: the same metrics as at the end of training, or on other data.
+"""Re-test a trained checkpoint: `python eval.py ckpt_path=...`, the same as the `stellarlab-eval` command.
 
     python eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/best-epoch012.ckpt
     python eval.py ckpt_path=... data.snr=50            # the same model on noisier spectra
-    python eval.py ckpt_path=... trainer.accelerator=cuda
 
-The config is the training run's (its saved overrides re-applied), then the overrides given here.
-Prints the test table and writes metrics.json and test_predictions.csv into outputs/eval/runs/<id>/.
+The code is `stellarlab.commands.eval`; this file keeps the command where a clone has always had it.
 """
 
-from __future__ import annotations
-
-import logging
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
-
-from stellarlab.config import register_resolvers
-from stellarlab.errors import ConfigError, DataError, command_errors
-
-log = logging.getLogger("stellarlab.eval")
-register_resolvers()
-
-
-def run_config(cfg: DictConfig) -> DictConfig:
-    """The training run's config (its data and cache paths too) with this command's overrides on top."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
-    ckpt = Path(cfg.ckpt_path)
-    saved = ckpt.resolve().parent.parent / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        log.warning("no %s beside the checkpoint: using this command's config as is", saved)
-        return cfg
-    choices = HydraConfig.get().runtime.choices
-    train_overrides, training_only = [], []
-    for override in (str(o) for o in OmegaConf.load(saved)):
-        top = override.lstrip("~+").split("=", 1)[0].split("@", 1)[0].split(".", 1)[0]
-        (train_overrides if top in cfg or top in choices else training_only).append(override)
-    if training_only:
-        log.info("left out the training-only overrides %s", training_only)
-    here = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
-    composed = compose(config_name="eval", overrides=[*train_overrides, *here, f"ckpt_path={cfg.ckpt_path}"])
-    with open_dict(composed):  # the training run's data paths; this eval run's own folder
-        composed.paths.output_dir = cfg.paths.output_dir
-        composed.task_name = cfg.task_name
-    log.info("training overrides %s + %s", train_overrides, here)
-    return composed
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    import torch
-
-    from stellarlab.results.evaluation import test_model
-    from stellarlab.results.hparams import run_tags
-    from stellarlab.results.prediction import load_model
-    from stellarlab.results.summary import eval_summary, run_fields, write_summary
-    from stellarlab.run.allocator import keep_freed_blocks
-    from stellarlab.run.devices import check_trainer_config
-
-    cfg = run_config(cfg)
-    check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
-    keep_freed_blocks(cfg.get("malloc_keep_block_mb"))
-    model, _ = load_model(cfg.ckpt_path)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    if list(model.label_names) != list(datamodule.label_names):
-        raise ConfigError(f"the checkpoint predicts {model.label_names} but data.labels={datamodule.label_names}; set data.labels to match")
-    wavelength = torch.as_tensor(datamodule.wavelength, dtype=torch.float32)
-    if len(wavelength) != len(model.wavelength) or not torch.allclose(wavelength, model.wavelength.cpu(), rtol=1e-6):
-        raise DataError(
-            f"the checkpoint was trained on a {len(model.wavelength)}-pixel grid, data={cfg.data._target_} gives "
-            f"{len(wavelength)} pixels on another grid; evaluate on data preprocessed like the training data"
-        )
-    if not len(datamodule.split_index["test"]):
-        raise ConfigError("the test split is empty; give data.split a test part")
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    run = run_fields(cfg.paths.output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
-                     model.n_parameters, run_tags(cfg))
-    summary = eval_summary(run, cfg.ckpt_path, test_model(trainer, model, datamodule, cfg))
-    log.info("wrote %s", write_summary(cfg.paths.output_dir, summary))
-    return summary
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> dict:
-    with command_errors(log):
-        return evaluate(cfg)
-
+from stellarlab.commands.eval import cli, evaluate, main, run_config  # noqa: F401  (eval.main(cfg) in tests)
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,5 +1,5 @@
-"""Hydra glue: the `run_id` and `cwd` resolvers, instantiation of named groups and the log filter that
-`conf/hydra/default.yaml` puts on the console and the run's log file."""
+"""Hydra glue: where the configs are, the `run_id` and `cwd` resolvers, instantiation of named groups and the
+log filter that `conf/hydra/default.yaml` puts on the console and the run's log file."""
 
 from __future__ import annotations
 
@@ -7,9 +7,21 @@ import logging
 import os
 import secrets
 import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+
+def conf_dir() -> Path:
+    """The folder of `train.yaml` and its groups: `stellarlab/conf` in an installed wheel, the repository's `conf/`
+    in a clone or an editable install. One answer for every command, the API and the tests."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"stellarlab's configs are missing: neither {package / 'conf'} nor {package.parent / 'conf'} "
+                            "holds train.yaml; reinstall stellarlab")
 
 
 def new_run_id() -> str:

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "stellarlab"
 CORE = {"errors", "files", "labels", "grids", "config", "checks", "metrics"}
-LAYER = {"data": 1, "models": 1, "synthetic": 1, "download": 1, "results": 2, "run": 3, "compare": 4}
+LAYER = {"data": 1, "models": 1, "synthetic": 1, "download": 1, "results": 2, "run": 3, "compare": 4, "commands": 4}
 
 
 def module_name(path: Path) -> str:

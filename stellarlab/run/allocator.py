@@ -56,3 +56,15 @@ def keep_freed_blocks(max_block_mb: float | None) -> bool:
     os.environ.update(values)
     _EXPORTED.update(values)
     return True
+
+
+MALLOC_EXAMPLE = "malloc_keep_block_mb=1024 (null: malloc's defaults)"
+
+
+def apply_command_setting(max_block_mb) -> bool:
+    """What the commands call with the config's `malloc_keep_block_mb`: a bad value is one error line, a good
+    one is applied. The notebook API never calls it: a library call leaves its process's malloc alone."""
+    from stellarlab.checks import check_number
+
+    check_number("malloc_keep_block_mb", max_block_mb, MALLOC_EXAMPLE, minimum=0, allow_null=True)
+    return keep_freed_blocks(max_block_mb)
