@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from stellarlab.data import surveys
 from stellarlab.download.fetch import Fetcher, Report
 from stellarlab.download.options import DownloadOptions
-from stellarlab.errors import ConfigError, StellarlabError
+from stellarlab.errors import ConfigError, command_errors
 
 log = logging.getLogger("stellarlab.download.command")
 
@@ -60,17 +60,11 @@ def download(cfg: DictConfig) -> Report:
 
 
 def run(cfg: DictConfig) -> int:
-    """Download, print the summary; exit status 0 (all in place), 1 (files failed) or 2 (user error)."""
+    """Download, print the summary; exit status 0 (all in place) or 1 (files failed); a user error exits 2 and
+    Ctrl-C 130 (`command_errors`)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the log
-    try:
+    with command_errors(log, interrupted="partial files are kept as *.part; run the same command again to resume"):
         report = download(cfg)
-    except StellarlabError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: partial files are kept as *.part; run the same command again to resume", file=sys.stderr)
-        return 130
     print(report.summary())
     if report.failed:
         print(f"error: {len(report.failed)} file(s) failed (listed above); run the same command again to retry them",
