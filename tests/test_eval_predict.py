@@ -17,15 +17,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, survey_cache):
-    """One tiny MLP run through train.py (the same folders a user gets)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    overrides = ["data.n_stars=600", "data.batch_size=32", "trainer.max_epochs=4", "trainer.accelerator=cpu", "~callbacks.progress_bar"]
-    cmd = [sys.executable, "train.py", *overrides, f"paths.log_dir={tmp}/out", f"paths.cache_dir={survey_cache}"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-    run = next((tmp / "out" / "train" / "runs").iterdir())
-    return {"tmp": tmp, "run": run, "ckpt": next((run / "checkpoints").glob("best-*.ckpt")), "cache": survey_cache}
+@pytest.fixture
+def trained(trained_run) -> dict:
+    """The session's tiny MLP run through train.py (conftest.trained_run)."""
+    return trained_run
 
 
 def _script(name: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
