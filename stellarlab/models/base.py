@@ -16,7 +16,7 @@ A network that fits its training spectra better than unseen ones (the default ML
 training than validation MSE) learns sigmas that are too small for new stars. So after every
 validation epoch the base refits one factor per label, `sigma_scale` = RMS of the validation z-scores
 (the factor that minimises the validation NLL), and every reported sigma (val loss, test,
-`predict_with_uncertainty`) is the net's sigma times that factor: the relative sigmas come from the
+`predict_with_uncertainty`, `predict`) is the net's sigma times that factor: the relative sigmas come from the
 net, their overall level from held-out stars (on the default MLP the Teff factor grows from ~1 to ~3
 over 30 epochs). The factor travels in the checkpoint as a buffer.
 
@@ -44,6 +44,7 @@ from stellarlab.checks import Choice, Number, Rule, check_call
 from stellarlab.errors import ConfigError, TrainingError
 from stellarlab.metrics import calibration, label_metrics
 from stellarlab.models import checksum
+from stellarlab.models.inference import Predicting
 from stellarlab.models.losses import LOSSES, SIGMA_MIN, masked_gaussian_nll, masked_mse, rms_z
 
 # Epoch-level val/test values are computed from predictions all_gathered from every rank, so each rank
@@ -97,7 +98,7 @@ EPOCHS_METRIC = "stellarlab/epochs"
 LABEL_STATS = ("rmse", "mae", "bias", "mad_std")
 
 
-class SpectrumRegressor(pl.LightningModule):
+class SpectrumRegressor(Predicting, pl.LightningModule):
     """Base for all models. `forward(flux)` returns standardised label means; `predict_physical` undoes the scaling.
 
     `loss` is `mse` or `gaussian_nll`; subclasses size their output layer with `self.n_outputs`

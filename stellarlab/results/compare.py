@@ -126,13 +126,15 @@ def csv_columns(labels: list[str]) -> list[str]:
     return cols + ["error", "run_dir"]
 
 
-def to_csv(runs: list[dict]) -> str:
-    """One row per run; empty cells where a run has no value (failed runs, no interval)."""
+TEXT_COLUMNS = ("run", "status", "overrides", "optimized_metric", "error", "run_dir")
+
+
+def comparison_rows(runs: list[dict]) -> tuple[list[str], list[dict]]:
+    """The comparison table: its columns and one row per run (None where a run has no value); the CSV and
+    `stellarlab.load_runs` are this table."""
     labels = label_names(runs)
     cols = csv_columns(labels)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    writer.writeheader()
+    rows = []
     for run in runs:
         s = run["summary"]
         row = {
@@ -149,7 +151,18 @@ def to_csv(runs: list[dict]) -> str:
         }
         for label, m in (s.get("test") or {}).items():
             row[metric_tag("n", label)] = m.get("n")
-        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in cols})
+        rows.append({c: row.get(c) for c in cols})
+    return cols, rows
+
+
+def to_csv(runs: list[dict]) -> str:
+    """One row per run; empty cells where a run has no value (failed runs, no interval)."""
+    cols, rows = comparison_rows(runs)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row[c] is None else row[c] for c in cols})
     return buf.getvalue()
 
 
@@ -300,7 +313,7 @@ def compare(folder: str | Path) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m stellarlab.compare",
+        prog="stellarlab-compare",
         description="Compare every run below a folder (a multirun, an Optuna study, a folder of runs): "
         "writes comparison.md, comparison.csv and comparison.png into it.",
     )
