@@ -51,7 +51,7 @@ def make_files(root: Path, n_stars: int, pool: np.ndarray, seed: int = 0) -> tup
     Each file gets one of the noise-free `pool` spectra plus its own noise (generating 20,000 distinct
     spectra would time the generator, not the reader).
     """
-    from tests.apogee_fixtures import (
+    from stellarlab.data.apogee.mock import (
         AspcapStarTemplate,
         aspcapstar_arrays,
         make_catalog,
@@ -100,8 +100,8 @@ def baseline_rss() -> float:
 
 def run(small: bool = False) -> dict:
     """Preprocess and train at two sizes (plus, in full mode, thread pool and single process at the smaller)."""
+    from stellarlab.data.apogee.mock import clean_spectra
     from stellarlab.synthetic import sample_labels
-    from tests.apogee_fixtures import clean_spectra
 
     sizes = (200, 400) if small else (2_000, 20_000)
     pool = clean_spectra(sample_labels(32 if small else 128, seed=0))

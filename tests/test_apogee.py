@@ -20,6 +20,7 @@ from omegaconf import open_dict
 
 from stellarlab import grids
 from stellarlab.data.apogee import files as af
+from stellarlab.data.apogee import mock as fx
 from stellarlab.data.apogee.catalog import (
     DEFAULT_PIXMASK_BITS,
     PIXMASK_BITS,
@@ -34,7 +35,6 @@ from stellarlab.data.apogee.datamodule import APOGEEDataModule
 from stellarlab.data.cache import ArrayCache
 from stellarlab.data.split import split_by_star
 from stellarlab.errors import ConfigError, DataError
-from tests import apogee_fixtures as fx
 from tests.conftest import REAL_APSTAR, compose_config
 
 DEFAULT_PIXMASK = bit_value(DEFAULT_PIXMASK_BITS, PIXMASK_BITS, "test")

@@ -411,7 +411,7 @@ class ApogeeSite:
         import numpy as np
 
         from stellarlab.data.apogee.catalog import spectrum_filename
-        from tests.apogee_fixtures import make_catalog, write_allstar, write_aspcapstar
+        from stellarlab.data.apogee.mock import make_catalog, write_allstar, write_aspcapstar
 
         self.server = server
         cols, _ = make_catalog(10, seed=3)

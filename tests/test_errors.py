@@ -28,13 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import train as train_script
-from stellarlab.errors import ConfigError, DataError, StellarlabError
-from tests.apogee_fixtures import (
+from stellarlab.data.apogee.mock import (
     make_catalog,
     write_allstar,
     write_apstar,
     write_aspcapstar,
 )
+from stellarlab.errors import ConfigError, DataError, StellarlabError
 from tests.conftest import CONF_DIR, ROOT, TINY, compose_config
 
 GALAH4_PIXELS = 16384

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from tests.apogee_fixtures import write_apstar, write_aspcapstar
+from stellarlab.data.apogee.mock import write_apstar, write_aspcapstar
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

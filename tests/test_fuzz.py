@@ -179,7 +179,7 @@ def test_apogee_readers_return_valid_arrays_or_a_data_error(raw, source, gap_del
 @pytest.fixture(scope="module")
 def valid_fits(tmp_path_factory) -> dict[str, bytes]:
     """The bytes of one good aspcapStar and one good apStar file (two rows), to cut and corrupt."""
-    from tests.apogee_fixtures import write_apstar, write_aspcapstar
+    from stellarlab.data.apogee.mock import write_apstar, write_aspcapstar
 
     folder = tmp_path_factory.mktemp("valid-fits")
     flux = 1.0 + 0.02 * np.random.default_rng(1).standard_normal(APOGEE_NPIX)

@@ -1,4 +1,6 @@
-"""Write APOGEE DR17 files in the survey's own layouts, for tests, benchmarks and a local test server.
+"""A mock APOGEE DR17 survey: files in the survey's own layouts, with flux from the synthetic generator.
+
+For tests, benchmarks, a local test server, and for trying `data=apogee` without the 4 GB download.
 
 - `write_allstar`: the allStar catalogue, table in HDU 1, DR17 column names and types (string ids,
   float32 labels with NaN and -9999, int64 ASPCAPFLAG/STARFLAG, EXTRATARG duplicate bit).
