@@ -9,16 +9,14 @@ physical units using the label statistics it carries as buffers, so a checkpoint
 scale into sigma = softplus(raw) + SIGMA_MIN and trains on the Gaussian negative log-likelihood, so
 every network predicts its own uncertainty. `forward` returns the means either way. Training uses
 beta-NLL (`nll_beta`, default 0.5): with plain NLL (0) the default MLP's validation loss spiked and
-early stopping kept epoch 8 (test Teff RMSE 33 K against 25.8 K with the MSE); with 0.5 its means
-match the MSE run's (25.5 K) and the sigmas stay calibrated.
+early stopping kept an early, worse epoch; with 0.5 its means match the MSE run's and the sigmas stay
+calibrated (the figures are in the README's uncertainty section).
 
-A network that fits its training spectra better than unseen ones (the default MLP reaches a 50x lower
-training than validation MSE) learns sigmas that are too small for new stars. So after every
+A network that fits its training spectra better than unseen ones (the default MLP does, by far) learns sigmas that are too small for new stars. So after every
 validation epoch the base refits one factor per label, `sigma_scale` = RMS of the validation z-scores
 (the factor that minimises the validation NLL), and every reported sigma (val loss, test,
 `predict_with_uncertainty`, `predict`) is the net's sigma times that factor: the relative sigmas come from the
-net, their overall level from held-out stars (on the default MLP the Teff factor grows from ~1 to ~3
-over 30 epochs). The factor travels in the checkpoint as a buffer.
+net, their overall level from held-out stars (the factor grows over training as the net overfits). The factor travels in the checkpoint as a buffer.
 
 A checkpoint also carries a SHA-256 of its weights (`stellarlab.models.checksum`: flipped bytes still
 unpickle, and would predict confident nonsense) and the training labels' range (`label_min`,
