@@ -8,9 +8,10 @@ and exit 130.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class StellarlabError(Exception):
@@ -27,6 +28,20 @@ class DataError(StellarlabError, ValueError):
 
 class TrainingError(StellarlabError, RuntimeError):
     """Training went numerically wrong (non-finite loss)."""
+
+
+def missing_extra(option: str, what: str, extra: str, modules: Sequence[str]) -> ConfigError | None:
+    """`<option> needs <what>: pip install "stellarlab[<extra>]"` when one of `modules` cannot be imported, else None.
+
+    Optional features (sweeps, launchers, loggers, downloads) come with extras; this is their one message."""
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a missing parent package, or a module without a spec
+            found = False
+        if not found:
+            return ConfigError(f'{option} needs {what}: pip install "stellarlab[{extra}]"')
+    return None
 
 
 def root_cause(err: BaseException) -> BaseException:

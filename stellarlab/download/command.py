@@ -1,31 +1,36 @@
 """Download a survey's files into the folders the `data` config reads.
 
-    python -m stellarlab.download data=apogee data.cuts.preset=rgb download.max_stars=5000
-    python -m stellarlab.download data=galah
-    python -m stellarlab.download data=apogee download.dry_run=true    # what would be fetched
+    stellarlab-download data=apogee data.cuts.preset=rgb download.max_stars=5000    # or python -m stellarlab.download
+    stellarlab-download data=galah
+    stellarlab-download data=apogee download.dry_run=true    # what would be fetched
 
 The survey is the one the data config's DataModule class names (`survey_name`, looked up in
 `stellarlab.data.surveys`), so a subclass of APOGEEDataModule gets APOGEE's recipe; the recipe
 itself lives with the survey's code (`stellarlab.data.apogee.download`, `stellarlab.data.galah.download`).
 Files already present are skipped; `.part` files are resumed. Exit status: 0 when every file is in
-place, 1 when some failed (listed in the summary), 2 for a config or data error.
+place, 1 when some failed (listed in the summary), 2 for a config or data error, or when the download
+extra (httpx, huggingface_hub) is not installed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from stellarlab.data import surveys
-from stellarlab.download.fetch import Fetcher, Report
 from stellarlab.download.options import DownloadOptions
-from stellarlab.errors import ConfigError, command_errors
+from stellarlab.errors import ConfigError, command_errors, missing_extra
+
+if TYPE_CHECKING:
+    from stellarlab.download.fetch import Fetcher, Report
+
+#: what the download extra installs: `pip install "stellarlab[download]"`
+DOWNLOAD_MODULES = ("httpx", "huggingface_hub")
 
 log = logging.getLogger("stellarlab.download.command")
 
@@ -50,6 +55,8 @@ def recipe_of(data: DictConfig) -> Callable[[DictConfig, Fetcher], Report]:
 # ---------------------------------------------------------------------------------------- entry point
 def download(cfg: DictConfig) -> Report:
     """Run the download `cfg` describes; the report says what happened to every file."""
+    from stellarlab.download.fetch import Fetcher  # httpx: the download extra
+
     options = DownloadOptions.from_config(cfg.download)  # every download.* value checked before anything runs
     recipe = recipe_of(cfg.data)
     with Fetcher(**options.fetcher_settings()) as fetcher:
@@ -73,27 +80,18 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-def _conf_dir() -> Path | None:
-    """The project's conf/: beside the package (a checkout, editable install), $STELLARLAB_ROOT/conf, or ./conf."""
-    candidates = [Path(__file__).resolve().parents[2] / "conf"]
-    if os.environ.get("STELLARLAB_ROOT"):
-        candidates.append(Path(os.environ["STELLARLAB_ROOT"]) / "conf")
-    candidates.append(Path.cwd() / "conf")
-    return next((c for c in candidates if (c / "download.yaml").is_file()), None)
-
-
 def main() -> None:
+    """`stellarlab-download` and `python -m stellarlab.download`."""
     import hydra
 
-    import stellarlab.config  # noqa: F401  (registers the run_id resolver the shared configs use)
+    from stellarlab.config import conf_dir
 
-    conf = _conf_dir()
-    if conf is None:
-        print("error: cannot find conf/download.yaml: run from the stellarlab checkout or set STELLARLAB_ROOT to it",
-              file=sys.stderr)
-        sys.exit(2)
+    with command_errors(log):
+        error = missing_extra("stellarlab-download", "httpx and huggingface_hub", "download", DOWNLOAD_MODULES)
+        if error is not None:
+            raise error
 
-    @hydra.main(version_base="1.3", config_path=str(conf), config_name="download")
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="download")
     def _main(cfg: DictConfig) -> None:
         code = run(cfg)
         if code:

@@ -10,11 +10,10 @@ selects. Loggers are ordinary classes and are checked on the composed config (`c
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from stellarlab.errors import ConfigError
+from stellarlab.errors import missing_extra
 
 
 @dataclass(frozen=True)
@@ -22,6 +21,11 @@ class Extra:
     what: str  # the feature, as the message names it
     extra: str  # pip install "stellarlab[<extra>]"
     modules: tuple[str, ...]  # importable when it is installed
+
+    def check(self, option: str) -> None:
+        error = missing_extra(option, self.what, self.extra, self.modules)
+        if error is not None:
+            raise error
 
 
 SWEEPERS = {"optuna": Extra("the Optuna sweeper", "sweep", ("hydra_plugins.hydra_optuna_sweeper", "optuna"))}
@@ -36,21 +40,6 @@ LOGGERS = {
 }
 #: groups whose options may select a sweeper or launcher in their defaults list
 GROUPS = ("hparams_search", "launcher", "experiment")
-
-
-def installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package that is missing, or a module without a spec
-        return False
-
-
-def missing(extra: Extra) -> bool:
-    return not all(installed(m) for m in extra.modules)
-
-
-def message(option: str, extra: Extra) -> str:
-    return f'{option} needs {extra.what}: pip install "stellarlab[{extra.extra}]"'
 
 
 def _selected_plugins(group: str, option: str) -> list[tuple[str, str]]:
@@ -89,13 +78,13 @@ def check_command_line(argv: Sequence[str]) -> None:
             continue
         for kind, name in plugins:
             extra = (SWEEPERS if kind == "sweeper" else LAUNCHERS).get(name)
-            if extra is not None and missing(extra):
-                raise ConfigError(message(option, extra))
+            if extra is not None:
+                extra.check(option)
 
 
 def check_loggers(loggers: Iterable[tuple[str, str]]) -> None:
     """ConfigError for a logger whose package is not installed; `loggers` is (name in the group, _target_)."""
     for name, target in loggers:
         extra = LOGGERS.get(str(target).rsplit(".", 1)[-1])
-        if extra is not None and missing(extra):
-            raise ConfigError(message(f"logger.{name} ({target})", extra))
+        if extra is not None:
+            extra.check(f"logger.{name} ({target})")
