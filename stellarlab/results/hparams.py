@@ -4,7 +4,8 @@ Lightning's default writes `hp_metric = -1`. Here the hyperparameters are logged
 with the names of the metrics that matter; the same tags are then logged with real values during
 validation and test (training time and the bootstrap intervals right after testing), and TensorBoard
 shows their final values beside the config. `metric_tag` names them; `stellarlab.results.compare` uses the
-same names for its columns, so the HPARAMS tab and the comparison table line up.
+same names for its columns, so the HPARAMS tab and the comparison table line up. Every other logger
+(`logger=csv|mlflow|wandb`) gets the same parameters and the same metrics under the same names.
 """
 
 from __future__ import annotations
