@@ -409,3 +409,25 @@ def test_stopped_during_the_test_resumes_straight_to_the_test(tmp_path, cache, s
     assert summary["resumed_from"]["global_step"] == 2 * STEPS_PER_EPOCH
     assert summary["best_value"] == pytest.approx(summary["best_val_loss"])
     assert "training was already complete" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_survey_is_generated_is_one_line_and_leaves_nothing_behind(tmp_path, sig):
+    cmd = [sys.executable, "train.py", *TINY, "data.n_stars=6000", f"paths.log_dir={tmp_path / 'out'}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    logs: list[Path] = []
+    while time.monotonic() < deadline and not (logs and "run folder:" in logs[0].read_text()):
+        time.sleep(0.1)  # once the run has logged its folder, the survey is being generated
+        logs = list((tmp_path / "out").rglob("train.log"))
+    time.sleep(1)
+    proc.send_signal(sig)
+    code, err = finish(proc)
+    assert code == 128 + sig, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted: stopped by {signal.Signals(sig).name}")
+    run_dir = only_run(tmp_path / "out")
+    assert not (run_dir / LOCK_FILE).exists() and not (run_dir / "metrics.json").exists()
+    assert not list((tmp_path / "cache").rglob("params.json"))  # no survey half-made under a final name

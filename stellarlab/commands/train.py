@@ -40,7 +40,7 @@ from stellarlab.run.resume import (
 from stellarlab.run.sweep import in_multirun, record_failure
 
 log = logging.getLogger("stellarlab.train")
-RESUME_HINT = "continue the run with resume=last (or resume=<run folder>)"
+RESUME_HINT = "run the same command again (a run that saved checkpoints/last.ckpt continues with resume=last)"
 register_resolvers()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,13 @@ class SweepSummary(Callback):
             compare(sweep_dir)
         print_runs(runs, title=f"sweep {sweep_dir}: {summary['n_ok']} ok, {summary['n_failed']} failed, {summary['n_incomplete']} incomplete")
         log.info("sweep summary: %s; full table: %s", sweep_dir / "summary.json", sweep_dir / "comparison.md")
+        not_done = summary["n_failed"] + summary["n_incomplete"]
+        if not_done and _sweeper_directions(config.hydra) is None:  # a grid: every job was asked for
+            # (an Optuna study's failed trials are part of its search; its budget ends it with exit 2)
+            print(f"error: {not_done} of {summary['n_jobs']} jobs of the sweep did not finish (listed above, and in "
+                  f"{sweep_dir / 'summary.json'}); fix the cause and rerun them, e.g. python train.py resume=<job folder>",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 def sweep_summary(sweep_dir: Path, runs: list[dict]) -> dict:
