@@ -19,6 +19,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from stellarlab.errors import DataError
+
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
@@ -117,7 +119,10 @@ def atomic_folder(final: Path, marker: str) -> Iterator[Path]:
     the final name without it (a crash, an interrupted copy) is replaced; a complete one that another
     process published meanwhile is kept and this copy dropped. On an exception nothing is published.
     """
-    tmp = temporary_sibling(final)
+    try:
+        tmp = temporary_sibling(final)
+    except OSError as err:  # a read-only folder: one line, not a traceback
+        raise DataError(f"cannot write {final} ({err.strerror or err}); set paths.cache_dir to a folder you can write") from err
     try:
         yield tmp
         fsync_folder(tmp)

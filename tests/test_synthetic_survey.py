@@ -267,3 +267,31 @@ def test_a_snr_whose_noise_overflows_is_refused_and_nothing_is_cached(tmp_path):
     with pytest.raises(ValueError, match=r"snr=1e-40 makes the noise .* overflow float32"):
         make_survey(**_args(snr=1e-40), cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_complete_cache_in_a_read_only_folder_is_read_and_a_missing_one_is_one_error(tmp_path, monkeypatch):
+    from stellarlab.errors import DataError
+
+    good = make_survey(**_args(), cache_dir=tmp_path)
+
+    def read_only(final):  # what mkdir does in a folder this user cannot write (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(final))
+
+    monkeypatch.setattr("stellarlab.files.temporary_sibling", read_only)
+    again = make_survey(**_args(), cache_dir=tmp_path)  # nothing to write: read as it is
+    assert np.array_equal(again.flux, good.flux)
+    with pytest.raises(DataError, match=r"cannot write .*apogee-.*Permission denied.*set paths\.cache_dir to a folder you can write"):
+        make_survey(**_args(seed=12), cache_dir=tmp_path)
+
+
+def test_the_config_check_lets_a_read_only_cache_folder_through_but_not_an_impossible_one(tmp_path, monkeypatch):
+    from stellarlab.errors import ConfigError
+    from stellarlab.run import validation
+    from tests.conftest import compose_config
+
+    monkeypatch.setattr(validation, "writable_folder_problem",
+                        lambda path: None if str(path).startswith(str(tmp_path / "run")) else f"{path} is not writable by this user")
+    (tmp_path / "ro").mkdir()
+    validation.validate_train_config(compose_config([f"data.cache_dir={tmp_path / 'ro'}"], tmp_path=tmp_path))
+    with pytest.raises(ConfigError, match=r"data\.cache_dir=.*missing cannot be written"):
+        validation.validate_train_config(compose_config([f"data.cache_dir={tmp_path / 'missing'}"], tmp_path=tmp_path))

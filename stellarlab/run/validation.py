@@ -279,7 +279,8 @@ def validate_train_config(cfg) -> None:
     if paths is not None and paths.get("output_dir") is not None:
         check_writable_folder("paths.output_dir", paths.output_dir, "set paths.log_dir to a folder you can write, e.g. paths.log_dir=./outputs")
     data = cfg.get("data")
-    if data is not None and data.get("cache_dir") is not None:
+    if data is not None and data.get("cache_dir") is not None and not Path(str(data.cache_dir)).is_dir():
+        # an existing folder may be read-only and still hold a complete cache: writing it is checked when it happens
         check_writable_folder("data.cache_dir", data.cache_dir, "set paths.cache_dir to a folder you can write, e.g. paths.cache_dir=./data/cache")
 
     # Checks below import the targets (torch, Lightning): after the cheap ones. Each class checks its own arguments.
