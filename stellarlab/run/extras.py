@@ -42,8 +42,9 @@ LOGGERS = {
 GROUPS = ("hparams_search", "launcher", "experiment")
 
 
-def _selected_plugins(group: str, option: str) -> list[tuple[str, str]]:
-    """(`sweeper`|`launcher`, name) that the option's config file selects with `override /hydra/<kind>: <name>`."""
+def _selected_plugins(group: str, option: str, depth: int = 0) -> list[tuple[str, str]]:
+    """(`sweeper`|`launcher`, name) that the option's config file selects with `override /hydra/<kind>: <name>`,
+    also through the options its defaults list includes (`hparams_search=optuna_cnn` includes `optuna`)."""
     import yaml
 
     from stellarlab.config import conf_dir
@@ -55,10 +56,14 @@ def _selected_plugins(group: str, option: str) -> list[tuple[str, str]]:
         return []
     found = []
     for entry in defaults:
+        if isinstance(entry, str) and entry != "_self_" and depth < 5:  # another option of the same group
+            found += _selected_plugins(group, entry, depth + 1)
         for key, value in (entry.items() if isinstance(entry, dict) else ()):
             key = str(key).replace("override", "").strip().lstrip("/")
             if key in ("hydra/sweeper", "hydra/launcher"):
                 found.append((key.split("/")[1], str(value)))
+            elif key in GROUPS and value is not None and depth < 5:
+                found += _selected_plugins(key, str(value), depth + 1)
     return found
 
 
