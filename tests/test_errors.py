@@ -78,6 +78,16 @@ def run_cli(env: Env, *argv: str, code: int = 2) -> str:
     return proc.stderr
 
 
+def missing_accelerator() -> str:
+    """An accelerator this machine lacks (the case is skipped on a machine with both)."""
+    from stellarlab.run.devices import available_accelerators
+
+    missing = [a for a in ("cuda", "mps") if a not in available_accelerators()]
+    if not missing:
+        pytest.skip("this machine has both CUDA and MPS")
+    return missing[0]
+
+
 def raised(error: type[Exception], fn: Callable, *args, **kwargs) -> str:
     """The message of the stellarlab error `fn` raises (a documented type, not a library's)."""
     with pytest.raises(StellarlabError) as info:
@@ -205,12 +215,7 @@ for _name, _overrides, _problem, _fix in TRAIN_CONFIG_CASES:
 @case("requested accelerator unavailable", r"trainer\.accelerator=(cuda|mps) is not available on this machine; available: cpu",
       r"use trainer\.accelerator=auto to pick the best one")
 def _(env):
-    from stellarlab.run.devices import available_accelerators
-
-    missing = [a for a in ("cuda", "mps") if a not in available_accelerators()]
-    if not missing:
-        pytest.skip("this machine has both CUDA and MPS")
-    return run_train(env, f"trainer.accelerator={missing[0]}")
+    return run_train(env, f"trainer.accelerator={missing_accelerator()}")
 
 
 def train_with_output_dir(env: Env, output_dir: Path) -> str:
@@ -674,12 +679,7 @@ def _(env):
 @case("predict on an accelerator this machine lacks (old key)", r"^error: accelerator=(cuda|mps) is not available on this machine",
       r"use trainer\.accelerator=auto to pick the best one")
 def _(env):
-    from stellarlab.run.devices import available_accelerators
-
-    missing = [a for a in ("cuda", "mps") if a not in available_accelerators()]
-    if not missing:
-        pytest.skip("this machine has both CUDA and MPS")
-    return run_predict(env, f"accelerator={missing[0]}")
+    return run_predict(env, f"accelerator={missing_accelerator()}")
 
 
 # -- eval.py --------------------------------------------------------------------------------------

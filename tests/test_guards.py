@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import train as train_script
-from stellarlab.data import SpectraArrays, SpectraDataModule
+from stellarlab.data import SpectraArrays
 from stellarlab.errors import DataError
 from stellarlab.models import LinearRegressor, MLPRegressor
 from stellarlab.models.base import EPOCHS_METRIC
@@ -32,17 +32,9 @@ from stellarlab.results.prediction import (
 )
 from stellarlab.results.summary import summary_problem
 from tests.conftest import CONF_DIR, TINY, compose_config
+from tests.test_datamodule import ArraysDataModule
 
 LABELS = ["teff", "logg"]
-
-
-class ArraysDataModule(SpectraDataModule):
-    def __init__(self, arrays: SpectraArrays, **kwargs):
-        super().__init__(**kwargs)
-        self.arrays = arrays
-
-    def load_arrays(self) -> SpectraArrays:
-        return self.arrays
 
 
 def small_survey(n: int = 120, p: int = 30) -> SpectraArrays:
