@@ -1,0 +1,22 @@
+"""Loggers that need a word more than Lightning's own (`conf/logger/*.yaml` name them)."""
+
+from __future__ import annotations
+
+import os
+
+from pytorch_lightning.loggers import MLFlowLogger as _LightningMLFlowLogger
+
+
+class MLFlowLogger(_LightningMLFlowLogger):
+    """Lightning's MLflow logger with MLflow's local file store allowed.
+
+    MLflow 3 refuses a file store (`file:<folder>`, Lightning's default) unless MLFLOW_ALLOW_FILE_STORE=true;
+    a folder of files beside the runs needs no database or server, so that is the default here. A
+    `tracking_uri` of a server or a database is used as given.
+    """
+
+    def __init__(self, *args, tracking_uri: str | None = None, **kwargs) -> None:
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not tracking_uri or str(tracking_uri).startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        super().__init__(*args, tracking_uri=tracking_uri, **kwargs)
