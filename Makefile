@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stellarlab-installed
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast test-min bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow" --durations=15 $(PYTEST_ARGS)
 
+# The lowest versions pyproject.toml allows, installed into .venv-min, then the fast tier (.ci/test-min).
+test-min:
+	PYTHON=$(PYTHON) .ci/test-min
+
 bench: setup
 	$(BIN)/python -m benchmarks run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) .venv-min outputs .pytest_cache
