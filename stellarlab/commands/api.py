@@ -14,8 +14,10 @@ the process's malloc settings alone (`malloc_keep_block_mb` is the command's).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from stellarlab.errors import ConfigError, StellarlabError, root_cause
@@ -35,6 +37,22 @@ class _Callbacks:
                 getattr(callback, event)(**kwargs)
 
         return call
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Hydra points the root logger at the run's log file for the run; afterwards the caller's logging is back
+    (a notebook's next cell does not write into a finished run's train.log)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _one_run(cfg) -> dict:
@@ -71,7 +89,7 @@ def train(overrides: Sequence[str] = ()) -> dict:
     register_resolvers()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), job_name="train", version_base="1.3"):
+        with _logging_restored(), initialize_config_dir(config_dir=str(conf_dir()), job_name="train", version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
             if cfg.hydra.mode == RunMode.MULTIRUN:
                 raise ConfigError("these overrides make a sweep (hparams_search= or hydra.mode=MULTIRUN); stellarlab.train "

@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from stellarlab.run.callbacks import GracefulStop, RunInterrupted
+    from stellarlab.run.loggers import finish_open_runs
 
     use_resume_folder(cfg)  # train(cfg) with resume= set; on the command line resume_argv has done it
     output_dir = Path(cfg.paths.output_dir)
@@ -66,6 +67,8 @@ def train(cfg: DictConfig) -> dict:
     except (SIGTERMException, RunInterrupted):
         stop.exit(output_dir)  # exits 128 + signal, or hands over to the launcher's requeue handler
         raise  # pragma: no cover - exit() always raises
+    finally:
+        finish_open_runs()  # the next run of this process (a sweep's job, a notebook's call) starts its own
 
 
 def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from pytorch_lightning.loggers import MLFlowLogger as _LightningMLFlowLogger
 
@@ -20,3 +21,11 @@ class MLFlowLogger(_LightningMLFlowLogger):
         if not tracking_uri or str(tracking_uri).startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         super().__init__(*args, tracking_uri=tracking_uri, **kwargs)
+
+
+def finish_open_runs() -> None:
+    """End the W&B run a WandbLogger left open. Lightning never ends it (the process's exit does), so the next
+    run in the same process (a job of a single-process sweep, a second `stellarlab.train`) would log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
