@@ -3,10 +3,15 @@
 In a multirun (`python train.py -m ...`, `hparams_search=optuna`, `launcher=local|slurm`) a job that
 raises (diverging loss -> TrainingError, impossible config -> ConfigError, anything else) writes
 `<run folder>/metrics.json` with `status: failed` and the error, and returns a value instead of
-raising: Hydra's sweepers stop the whole sweep on the first exception, and hydra-optuna-sweeper
-1.2 (the latest release) has no `max_failure_rate`. For Optuna the value is the worst possible one
-(+inf when minimising), which the study accepts and TPE learns to avoid; `max_failure_rate` (a root
-config key, set by `hparams_search=optuna`) bounds how many trials may fail before the study stops.
+raising: Hydra's sweepers stop the whole sweep on the first exception. For Optuna the value is the
+worst possible one (+inf when minimising), which the study accepts and TPE learns to avoid;
+`max_failure_rate` (a root config key, set by `hparams_search=optuna`) bounds how many trials may fail
+before the study stops. hydra-optuna-sweeper 1.2 has no failure budget; 1.3 has a
+`hydra.sweeper.max_failure_rate`, but it counts the failures of each batch of `n_jobs` trials, not of
+the study: with the default `n_jobs=1` any single failure exceeds any rate below 1 and stops the study,
+and it stops with the failed job's traceback. stellarlab's budget counts the whole study (failed
+metrics.json files in the sweep folder) and stops with one error line, so it is used with both
+releases; the trials never raise, so the sweeper's own option never fires.
 `SweepSummary`, a Hydra callback, writes `<sweep folder>/summary.json` and prints the table at the end.
 """
 
