@@ -198,10 +198,11 @@ import numpy as np
 import stellarlab
 assert stellarlab.__file__.startswith(sys.prefix), stellarlab.__file__   # the wheel, not the clone
 assert "torch" not in sys.modules and "hydra" not in sys.modules          # import stellarlab stays light
+malloc_before = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 summary = stellarlab.train(["data.n_stars=200", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                             "~callbacks.progress_bar", "bootstrap.n_resamples=20"])
 assert summary["status"] == "ok", summary
-assert os.environ.get("MALLOC_MMAP_THRESHOLD_") is None                   # the API leaves malloc alone
+assert {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} == malloc_before  # the API leaves malloc alone
 model = stellarlab.load(summary["best_checkpoint"])
 labels = model.predict(np.ones((2, len(model.wavelength)), dtype=np.float32))
 assert sorted(labels) == ["fe_h", "logg", "teff"] and labels["teff"].shape == (2,), labels
