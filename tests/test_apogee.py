@@ -540,3 +540,15 @@ def test_a_bare_preset_name_is_shorthand_for_the_preset():
 
     assert resolved_cuts("rgb") == resolved_cuts({"preset": "rgb"})
     assert resolved_cuts("rgb")["ranges"]["LOGG"] == (0.0, 3.8)
+
+
+def test_checkpoints_carry_the_pixel_settings_so_predict_reads_files_the_same_way(survey, tmp_path):
+    from stellarlab.data.apogee.files import read_input
+
+    dm = datamodule(survey, tmp_path / "cache", gap_deleted=True, max_flux_error=0.5)
+    saved = dm.state_dict()["preprocessing"]  # what the checkpoint holds
+    assert saved["gap_deleted"] is True and saved["pixels"]["max_flux_error"] == 0.5
+    path = fx.write_aspcapstar(tmp_path / "aspcapStar-dr17-2M00000000+0000000.fits", np.full(8575, 0.9), np.full(8575, 0.01))
+    flux, weight, ids = read_input(path, "aspcapStar", saved, np.zeros(7514))  # a gap-deleted model's grid
+    assert flux.shape == weight.shape == (1, 7514) and ids == ["2M00000000+0000000"]
+    assert np.allclose(flux[weight > 0], 0.9)

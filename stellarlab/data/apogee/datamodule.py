@@ -9,6 +9,7 @@ scaling and bad-pixel handling are the base DataModule's; stars are split by APO
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -289,6 +290,12 @@ class APOGEEDataModule(SpectraDataModule):
             n, p, self.cache.path, n, read_seconds, n / max(read_seconds, 1e-9), self.workers, self.parallel,
         )
         self.build_report = {**report, "read_seconds": read_seconds, "total_seconds": time.perf_counter() - start}
+
+    def preprocessing_config(self) -> dict:
+        """The pixel settings (bit mask, error cut, continuum fit, gap deletion), saved in every checkpoint:
+        predict.py reads new aspcapStar/apStar files with exactly these."""
+        return {**super().preprocessing_config(), "gap_deleted": self.pixel_config.gap_deleted,
+                "pixels": dataclasses.asdict(self.pixel_config)}
 
     def _read_spectra(self, relpaths: list[str], writer) -> float:
         """Read every file (in parallel, a bounded number of chunks in flight) straight into the cache files."""
