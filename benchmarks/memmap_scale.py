@@ -92,7 +92,7 @@ _READ = textwrap.dedent(
     """
     import json, os, sys, time
     import numpy as np
-    from stellarlab.data.base import RowReader
+    from stellarlab.data.rows import RowReader
 
     args = json.loads(sys.argv[1])
     path, budget = args["path"], args["bytes"]

@@ -14,8 +14,8 @@ import torch
 
 from benchmarks.peak_rss import run_measured
 from stellarlab.data import SpectraArrays, SpectraDataModule
-from stellarlab.data.base import RowReader, SplitRows
 from stellarlab.data.cache import ArrayCache
+from stellarlab.data.rows import RowReader, SplitRows
 from stellarlab.errors import ConfigError
 from stellarlab.models import LinearRegressor
 

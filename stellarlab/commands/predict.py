@@ -37,7 +37,7 @@ def run_predict(cfg: DictConfig) -> dict:
     wavelength = model.wavelength.cpu().double().numpy()
     files = prediction.find_inputs(cfg.input, cfg.format)
     spectra = prediction.read_spectra(files, cfg.format, preprocessing, wavelength, cfg.input_wavelength)
-    labels, sigma = prediction.predict(model, spectra.flux, batch_size)
+    labels, sigma = prediction.predict(model, spectra.flux, batch_size, spectra.weight)
     outside = prediction.outside_training_range(model, labels, tolerance)
     table = prediction.catalog_table(spectra, model.label_names, labels, sigma, outside)
     fits_path, csv_path = prediction.write_catalog(table, cfg.output_dir)

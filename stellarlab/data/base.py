@@ -7,10 +7,8 @@ Two ways to hold the spectra (`in_memory`):
 
 - in memory: every split is copied once into native float32 tensors; a batch is one index op.
 - streaming: the flux stays in its memory-mapped `.npy` file and each batch reads only its rows
-  (`RowReader`), so training on a cache larger than RAM needs the memory of a few batches. Rows are
-  read with positional reads (`os.preadv`) into fresh buffers, not through the mapping: pages a mapping
-  touched count in the process's resident memory until the kernel drops them, the page cache behind a
-  read does not. `in_memory=auto` streams memory-mapped data whose flux + weight exceed `in_memory_max_gb`.
+  (`stellarlab.data.rows`), so training on a cache larger than RAM needs the memory of a few batches.
+  `in_memory=auto` streams memory-mapped data whose flux + weight exceed `in_memory_max_gb`.
 
 Either way `datamodule.tensors[split]` (also `split_arrays(split)`) holds `flux`, `weight`, `labels`
 (standardised), `labels_phys` and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
@@ -20,8 +18,6 @@ row-indexable views that read on demand.
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -29,9 +25,18 @@ from typing import Annotated, Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from stellarlab.checks import NameList, Number, Switch, check_call
+from stellarlab.data.rows import (  # noqa: F401  (SCAN_BLOCK_BYTES, EVAL_INDEX_KEY: names tests and callers use)
+    EVAL_INDEX_KEY,
+    SCAN_BLOCK_BYTES,
+    BatchDataset,
+    PixelSource,
+    RowReader,
+    SplitRows,
+    keep_batch,
+)
 from stellarlab.data.split import PlannedSize, SplitSizes, split_by_star
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.labels import LabelScaler
@@ -40,9 +45,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 BATCH_KEYS = ("flux", "labels")  # what a training/eval batch holds
-EVAL_INDEX_KEY = "index"  # val/test batches also carry their rows' positions in the split (exact DDP metrics)
 PIXEL_KEYS = ("flux", "weight")  # the (N, P) arrays; everything else per spectrum is small and kept in RAM
-SCAN_BLOCK_BYTES = 1 << 24  # rows read per step of the bad-pixel scan and of copies: 16 MB
 EVAL_BATCH_SIZE = Number(minimum=1, integer=True, allow_null=True, example="data.eval_batch_size=512")  # null: batch_size
 
 
@@ -57,210 +60,6 @@ class SpectraArrays:
     star_id: np.ndarray  # (N,) rows of one star share an id: the split unit
     wavelength: np.ndarray  # (P,) Angstrom
     extra: dict = field(default_factory=dict)  # per-spectrum extras, e.g. "snr": (N,)
-
-
-def _file_region(array) -> tuple[str, int] | None:
-    """(path, byte offset of row 0) when `array` is a C-contiguous 2-D view of a memory-mapped file, else None."""
-    if not isinstance(array, np.memmap) or getattr(array, "_mmap", None) is None or not array.filename:
-        return None
-    if array.ndim != 2 or not array.flags.c_contiguous or array.size == 0:
-        return None
-    # np.memmap maps the file from `offset` rounded down to the allocation granularity; views keep the
-    # creation offset, so the file position of this view follows from its address inside the mapping.
-    mapping_start = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
-    mapping_address = np.frombuffer(array._mmap, dtype=np.uint8).ctypes.data
-    return str(array.filename), mapping_start + array.ctypes.data - mapping_address
-
-
-class RowReader:
-    """Rows of a 2-D array, any set of them at once, as native float32 (C-contiguous, shape (n, P)).
-
-    A memory-mapped `.npy` is read with one positional read per run of consecutive rows (runs issued in
-    file order), straight into the result: nothing stays mapped, so resident memory is the rows asked
-    for. Any other array (in RAM, broadcast) is indexed directly. Pickles as (path, offset) for mapped
-    files, so DataLoader workers and DDP processes reopen the file instead of copying the array.
-    """
-
-    def __init__(self, array: np.ndarray):
-        if np.ndim(array) != 2:
-            raise DataError(f"expected a 2-D (spectra, pixels) array, got shape {np.shape(array)}")
-        self.shape = tuple(int(s) for s in array.shape)
-        self.file_dtype = np.dtype(array.dtype)
-        region = _file_region(array)
-        self.path, self.offset = region if region else (None, 0)
-        self.array = None if region else array
-        self.row_bytes = self.shape[1] * self.file_dtype.itemsize
-        self._fd = -1
-        self._fh = None
-
-    @property
-    def mapped(self) -> bool:
-        return self.path is not None
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": -1, "_fh": None}
-
-    def __del__(self):
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-        if getattr(self, "_fh", None) is not None:
-            self._fh.close()
-
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """The given rows (any order, repeats allowed) as a new (len(rows), P) float32 array."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
-            raise IndexError(f"row index out of range for an array of {self.shape[0]} rows")
-        if not self.mapped:
-            out = np.take(self.array, rows, axis=0)
-            return out if out.dtype == np.float32 and out.dtype.isnative else out.astype(np.float32)
-        out = np.empty((len(rows), self.shape[1]), dtype=self.file_dtype)
-        if len(rows):
-            self._read_into(rows, out.reshape(len(rows), -1).view(np.uint8))
-        return out if self.file_dtype == np.float32 and self.file_dtype.isnative else out.astype(np.float32)
-
-    def _read_into(self, rows: np.ndarray, raw: np.ndarray) -> None:
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
-        starts = np.concatenate(([0], breaks))
-        stops = np.concatenate((breaks, [len(rows)]))
-        for k in np.argsort(rows[starts], kind="stable").tolist():  # in file order: readahead-friendly
-            a, b = int(starts[k]), int(stops[k])
-            self._pread(memoryview(raw[a:b]).cast("B"), self.offset + int(rows[a]) * self.row_bytes)
-
-    def _pread(self, buffer: memoryview, position: int) -> None:
-        if hasattr(os, "preadv"):
-            if self._fd < 0:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            while len(buffer):
-                got = os.preadv(self._fd, [buffer], position)
-                if got <= 0:
-                    raise DataError(f"{self.path} ended early (truncated cache?); delete its cache folder to rebuild it")
-                buffer, position = buffer[got:], position + got
-        else:  # platforms without preadv: a private file object per process
-            if self._fh is None:
-                self._fh = open(self.path, "rb", buffering=0)
-            self._fh.seek(position)
-            while len(buffer):
-                got = self._fh.readinto(buffer)
-                if not got:
-                    raise DataError(f"{self.path} ended early (truncated cache?); delete its cache folder to rebuild it")
-                buffer = buffer[got:]
-
-
-class PixelSource:
-    """Flux and weight of every usable spectrum, read by row; applies the bad-pixel rule when the scan asked for it.
-
-    The rule (non-finite or zero-weight pixels get flux 1 and weight 0) is applied per read: a read-only
-    memory map cannot be fixed in place, and copying it to fix it would defeat streaming. Clean data
-    (what the caches and the synthetic survey hold) skip it.
-    """
-
-    def __init__(self, flux: RowReader, weight: RowReader, needs_fix: bool):
-        self.readers = {"flux": flux, "weight": weight}
-        self.needs_fix = bool(needs_fix)
-        self.n_pixels = flux.shape[1]
-
-    @property
-    def mapped(self) -> bool:
-        return self.readers["flux"].mapped
-
-    def read(self, key: str, rows: np.ndarray) -> np.ndarray:
-        if not self.needs_fix:
-            return self.readers[key].read(rows)
-        flux, weight = self.readers["flux"].read(rows), self.readers["weight"].read(rows)
-        bad = ~np.isfinite(flux) | ~np.isfinite(weight) | (weight <= 0)
-        return np.where(bad, np.float32(1.0), flux) if key == "flux" else np.where(bad, np.float32(0.0), weight)
-
-    def copy(self, key: str, rows: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """All the given rows into one float32 tensor (on `out`'s device if given), a block at a time."""
-        out = torch.empty((len(rows), self.n_pixels), dtype=torch.float32) if out is None else out
-        step = max(1, SCAN_BLOCK_BYTES // (4 * max(self.n_pixels, 1)))
-        for i in range(0, len(rows), step):
-            out[i : i + step] = torch.from_numpy(self.read(key, rows[i : i + step]))
-        return out
-
-
-class SplitRows:
-    """One split's rows of `flux` or `weight` in streaming mode: indexes like a tensor, reads on demand.
-
-    `rows[i]`, `rows[a:b]`, `rows[index_tensor]` return float32 tensors; `numpy()` reads the whole split
-    (as much memory as the in-memory copy: meant for small splits and tests).
-    """
-
-    dtype = torch.float32
-    device = torch.device("cpu")
-
-    def __init__(self, source: PixelSource, key: str, rows: np.ndarray):
-        self.source, self.key = source, key
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.shape = torch.Size((len(self.rows), source.n_pixels))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __repr__(self) -> str:
-        return f"SplitRows({self.key}, {tuple(self.shape)}, streamed)"
-
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def element_size(self) -> int:
-        return 4
-
-    def __getitem__(self, key) -> torch.Tensor:
-        if isinstance(key, torch.Tensor):
-            key = key.cpu().numpy()
-        if isinstance(key, (int, np.integer)):
-            return torch.from_numpy(self.source.read(self.key, self.rows[[key]]))[0]
-        return torch.from_numpy(self.source.read(self.key, self.rows[key]))
-
-    def numpy(self) -> np.ndarray:
-        return self.source.copy(self.key, self.rows).numpy()
-
-
-def _gather(t: torch.Tensor | SplitRows, index: torch.Tensor) -> torch.Tensor:
-    """Rows `index` of `t`. CPU tensors go through np.take, one memcpy per row: torch's index kernel is slower."""
-    if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad:
-        return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=0))
-    return t[index]
-
-
-class BatchDataset(Dataset):
-    """Tensors indexed a whole batch at a time (`__getitems__`): one gather per tensor, no per-item Python.
-
-    A `SplitRows` in place of a tensor reads the batch's rows from the file. `with_index=True` adds the
-    rows' positions (`index`), which lets DDP evaluation drop the rows its sampler repeated.
-    """
-
-    def __init__(self, with_index: bool = False, **tensors: torch.Tensor | SplitRows):
-        lengths = {len(t) for t in tensors.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"tensors of different lengths: { {k: len(t) for k, t in tensors.items()} }")
-        self.tensors = tensors
-        self.length = lengths.pop()
-        self.with_index = with_index
-        self.device = next(iter(tensors.values())).device
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
-        batch = {k: _gather(t, index) for k, t in self.tensors.items()}
-        if self.with_index:
-            batch[EVAL_INDEX_KEY] = index
-        return batch
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: t[i] for k, t in self.tensors.items()}
-
-
-def keep_batch(batch):
-    """collate_fn for BatchDataset: the batch is already stacked (module-level so workers can pickle it)."""
-    return batch
 
 
 class SpectraDataModule(pl.LightningDataModule):
@@ -445,18 +244,23 @@ class SpectraDataModule(pl.LightningDataModule):
         """Whole splits live on the accelerator when they fit under `device_resident_max_gb`: no copy per batch."""
         if device.type == "cpu" or self.device_resident is False:
             return False
-        size_gb = sum(t[k].numel() * t[k].element_size() for t in self.tensors.values() for k in BATCH_KEYS) / 1e9
+        size_gb = sum(t[k].numel() * t[k].element_size() for t in self.tensors.values() for k in self._batch_keys()) / 1e9
         fits = size_gb <= self.device_resident_max_gb
         if self.device_resident is True and not fits:
             log.warning("data.device_resident=true: %.2f GB exceeds data.device_resident_max_gb=%.2f; copying anyway",
                         size_gb, self.device_resident_max_gb)
         return self.device_resident is True or fits
 
-    def _on_device(self, split: str, device: torch.device) -> dict[str, torch.Tensor]:
+    def _batch_keys(self) -> tuple[str, ...]:
+        """What a batch holds: `BATCH_KEYS`, or the model's own `batch_keys` (a spectrum fit also reads `weight`)."""
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return tuple(getattr(model, "batch_keys", BATCH_KEYS))
+
+    def _on_device(self, split: str, device: torch.device, keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, torch.Tensor]:
         """The split's batch tensors on `device`, made once; streamed rows go to the device a block at a time."""
         if split not in self._device_tensors:
             moved = {}
-            for k in BATCH_KEYS:
+            for k in keys:
                 t = self.tensors[split][k]
                 if isinstance(t, SplitRows):
                     moved[k] = t.source.copy(t.key, t.rows, out=torch.empty(tuple(t.shape), dtype=torch.float32, device=device))
@@ -469,7 +273,8 @@ class SpectraDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         device = self._target_device()
         on_device = self._keep_on_device(device)
-        batch_tensors = self._on_device(split, device) if on_device else {k: self.tensors[split][k] for k in BATCH_KEYS}
+        keys = self._batch_keys()
+        batch_tensors = self._on_device(split, device, keys) if on_device else {k: self.tensors[split][k] for k in keys}
         dataset = BatchDataset(with_index=split != "train", **batch_tensors)
         pin = torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory)
         return DataLoader(

@@ -22,8 +22,11 @@ class Predicting:
     #: the training data's preprocessing (`flux_transform`, `flux_floor`, ...); `stellarlab.load` sets it from the checkpoint
     preprocessing: Mapping = MappingProxyType({})
 
-    def predict_with_sigma(self, flux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean, sigma) per label in physical units; sigma is None for a model trained without gaussian_nll."""
+    def predict_with_sigma(self, flux: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, sigma) per label in physical units; sigma is None for a model trained without gaussian_nll.
+
+        `weight` (inverse variance, 0 = no data) is read by models that fit the spectrum (the emulator);
+        networks see bad pixels as continuum (flux 1) instead."""
         if self.loss_name == "gaussian_nll":
             return self.predict_with_uncertainty(flux)
         return self.predict_physical(flux), None
@@ -52,6 +55,7 @@ class Predicting:
         if transform != "none":
             flux = transform_flux(flux, transform, float(self.preprocessing.get("flux_floor", 0.0)))
         flux[bad] = 1.0
+        weight = np.where(bad, 0.0, 1.0 if weight is None else weight.reshape(flux.shape)).astype(np.float32)
         device = next(iter(self.buffers())).device
         means, sigmas = [], []
         was_training = self.training
@@ -59,7 +63,9 @@ class Predicting:
         try:
             with torch.inference_mode():
                 for start in range(0, len(flux), batch_size):
-                    mean, sigma = self.predict_with_sigma(torch.as_tensor(flux[start : start + batch_size], device=device))
+                    rows = slice(start, start + batch_size)
+                    mean, sigma = self.predict_with_sigma(torch.as_tensor(flux[rows], device=device),
+                                                          torch.as_tensor(weight[rows], device=device))
                     means.append(mean.float().cpu().numpy())
                     sigmas.append(None if sigma is None else sigma.float().cpu().numpy())
         finally:

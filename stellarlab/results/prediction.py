@@ -174,8 +174,10 @@ def read_spectra(
 
 
 # -- predicting and writing ------------------------------------------------------------------------
-def predict(model, flux: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, sigma) in physical units; sigma is NaN for models trained without `model.loss=gaussian_nll`."""
+def predict(model, flux: np.ndarray, batch_size: int = 1024, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, sigma) in physical units; sigma is NaN for models trained without `model.loss=gaussian_nll`.
+
+    `weight` (inverse variance, 0 = no data) is passed on to models that fit the spectrum."""
     import torch
 
     device = next(iter(model.buffers())).device
@@ -184,7 +186,8 @@ def predict(model, flux: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray
         for start in range(0, len(flux), batch_size):
             batch = torch.as_tensor(flux[start : start + batch_size], device=device)
             if hasattr(model, "predict_with_sigma"):
-                mean, sigma = model.predict_with_sigma(batch)
+                w = None if weight is None else torch.as_tensor(weight[start : start + batch_size], device=device)
+                mean, sigma = model.predict_with_sigma(batch, w)
             else:
                 mean, sigma = model.predict_physical(batch), None
             means.append(mean.float().cpu().numpy())
