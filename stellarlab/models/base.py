@@ -44,6 +44,7 @@ from stellarlab.metrics import calibration, label_metrics
 from stellarlab.models import checksum
 from stellarlab.models.inference import Predicting
 from stellarlab.models.losses import LOSSES, SIGMA_MIN, masked_gaussian_nll, masked_mse, rms_z
+from stellarlab.models.quality import TrainingDomain, domain_of
 
 # Epoch-level val/test values are computed from predictions all_gathered from every rank, so each rank
 # holds the same global number. Logging them with a max-reduction across ranks returns that number
@@ -170,6 +171,7 @@ class SpectrumRegressor(Predicting, pl.LightningModule):
         self._train_loss_count = 0
         self._epoch_sigma = None  # physical sigmas (numpy) of the last _epoch_results, gaussian_nll only
         self._epoch_mse = math.nan  # standardised MSE of the last _epoch_results
+        self.training_domain: TrainingDomain | None = None  # set at the start of fitting, saved with every checkpoint
 
     # -- prediction ---------------------------------------------------------------------------
     def forward(self, flux: torch.Tensor) -> torch.Tensor:
@@ -253,6 +255,12 @@ class SpectrumRegressor(Predicting, pl.LightningModule):
             mean = self._train_loss_sum / self._train_loss_count
             self._check_finite(float(mean), "mean training loss of the epoch")
             self.log("train/loss_epoch", mean, prog_bar=True, sync_dist=True)
+
+    def on_fit_start(self) -> None:
+        # What predict.py compares new spectra with (`stellarlab.models.quality`): from the data, not the weights,
+        # so it is known before the first checkpoint is written and every checkpoint of the run carries it.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.training_domain = domain_of(datamodule) if datamodule is not None else None
 
     def on_train_end(self) -> None:
         # Epochs completed, for metrics.json: under ddp_spawn the fit runs in other processes and only
@@ -361,11 +369,15 @@ class SpectrumRegressor(Predicting, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # predict.py and eval.py rebuild the model from the checkpoint alone
         checkpoint["stellarlab"] = {"model_class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        if self.training_domain is not None:
+            checkpoint["stellarlab"]["training_domain"] = self.training_domain.state()
         checksum.stamp(checkpoint)  # read back by eval.py, predict.py and resume: damaged weights are refused
         checkpoint["best_val_loss"] = self.best_val_loss
         checkpoint["best_val_mse"] = self.best_val_mse
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        domain = (checkpoint.get("stellarlab") or {}).get("training_domain")
+        self.training_domain = None if domain is None else TrainingDomain.from_state(domain)
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
         self.best_val_mse = checkpoint.get("best_val_mse", math.nan)
 

@@ -31,6 +31,28 @@ class Predicting:
             return self.predict_with_uncertainty(flux)
         return self.predict_physical(flux), None
 
+    def dropout_layers(self) -> list[torch.nn.Module]:
+        """The model's dropout layers (empty for a model trained with model.dropout=0)."""
+        return [m for m in self.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+
+    def predict_mc_dropout(self, flux: torch.Tensor, weight: torch.Tensor | None, n_passes: int,
+                           seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """`n_passes` (mean, sigma) predictions with the dropout layers on (MC dropout), everything else in eval mode.
+
+        Seeded (a fixed `seed` and the spectra's own order), so a catalogue is reproducible; the global RNG is left
+        as it was."""
+        layers = self.dropout_layers()
+        was_training = self.training
+        self.eval()
+        for layer in layers:
+            layer.train()
+        try:
+            with torch.random.fork_rng(devices=[flux.device] if flux.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                return [self.predict_with_sigma(flux, weight) for _ in range(n_passes)]
+        finally:
+            self.train(was_training)
+
     def predict(self, flux, weight=None, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """{label: values} in physical units, plus `<label>_sigma` for a model that predicts uncertainties.
 

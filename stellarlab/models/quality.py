@@ -1,0 +1,155 @@
+"""What a model remembers of its training spectra, so a prediction can say when it should not be trusted.
+
+A network returns a number for any input, however unlike its training spectra. At the start of every
+fit the model records a `TrainingDomain` from its data (it depends on the spectra only, not on the
+weights, so every checkpoint of the run carries the same one):
+
+- the principal components of the training spectra's absorption depth (1 - flux). A new spectrum is
+  projected onto them and the residual, summed over its usable pixels with its inverse variances and
+  divided by their number, is its *unlikeness score*: about 1 plus what the components cannot express for
+  a spectrum like the training ones, far above that for a spectrum of another kind (another generator,
+  a real star given to a model of the synthetic survey, a bad continuum, a wrong grid);
+- the score's threshold, the (1 - `FLAGGED_FRACTION`) quantile of the validation spectra's scores, so
+  about 1 % of in-domain spectra are flagged (validation, not training: the components fit the training
+  spectra themselves a little better than any others);
+- the lowest signal-to-noise ratio of the training spectra and their median number of usable pixels.
+
+Inputs without errors (a `.npy` of flux only: every weight 0 or 1) get a noise estimate from the flux
+itself (`der_snr_noise`), so their scores stay on the same scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Principal components kept (the synthetic survey's spectra need about ten for a residual at its noise level).
+N_COMPONENTS = 16
+#: At most this many spectra of each split are read to fit the components and calibrate the threshold.
+MAX_ROWS = 4000
+#: Fraction of validation spectra above the threshold.
+FLAGGED_FRACTION = 0.01
+
+
+def der_snr_noise(flux: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """Per-spectrum noise sigma from the flux alone (DER_SNR: 1.4826/sqrt(6) times the median |2 f_i - f_i-2 - f_i+2|
+    over pixels whose neighbours are usable too): for inputs that carry no errors."""
+    second = (2 * flux[:, 2:-2] - flux[:, :-4] - flux[:, 4:]).abs()
+    ok = usable[:, 2:-2] & usable[:, :-4] & usable[:, 4:]
+    second = torch.where(ok, second, torch.nan)
+    noise = 1.482602 / math.sqrt(6.0) * torch.nanmedian(second, dim=1).values
+    return torch.nan_to_num(noise, nan=1.0).clamp(min=1e-4)
+
+
+def noise_weight(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Inverse variances to score with: `weight` itself, or 1/sigma^2 from `der_snr_noise` where a spectrum's weights
+    are all 0 or 1 (no errors were given: a real inverse variance of exactly 1 would be an SNR of 1)."""
+    usable = weight > 0
+    binary = ((weight == 0) | (weight == 1)).all(dim=1)
+    if not binary.any():
+        return weight
+    estimated = der_snr_noise(flux[binary], usable[binary]) ** -2
+    out = weight.clone()
+    out[binary] = usable[binary] * estimated[:, None]
+    return out
+
+
+def spectrum_snr(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Median flux * sqrt(inverse variance) over the usable pixels (NaN for a spectrum without one)."""
+    w = noise_weight(flux, weight)
+    snr = torch.where(w > 0, flux * w.clamp(min=0).sqrt(), torch.nan)
+    return torch.nanmedian(snr, dim=1).values
+
+
+@dataclass
+class TrainingDomain:
+    """The training spectra in a few numbers (see the module docstring); travels in the checkpoint as tensors."""
+
+    mean_depth: torch.Tensor  # (P,)
+    components: torch.Tensor  # (K, P), orthonormal rows
+    threshold: float  # unlikeness score above which a spectrum is flagged
+    snr_min: float  # lowest SNR of the training spectra
+    usable_median: float  # median number of usable pixels of a training spectrum
+
+    @classmethod
+    def fit(cls, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
+            n_components: int = N_COMPONENTS) -> TrainingDomain:
+        """Components from the training (flux, weight) rows, threshold from the validation rows (the training rows
+        when there is no validation split)."""
+        flux, weight = (t.float().cpu() for t in train)
+        usable = weight > 0
+        depth = (1.0 - flux) * usable
+        counts = usable.sum(0).clamp(min=1)
+        mean = depth.sum(0) / counts
+        centred = (depth - mean) * usable
+        k = max(1, min(n_components, len(flux) - 1, flux.shape[1]))
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # svd_lowrank draws a random start: the same data give the same components
+        try:
+            _, _, v = torch.svd_lowrank(centred, q=min(k + 8, min(centred.shape)), niter=6)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        domain = cls(mean, v[:, :k].T.contiguous(), math.inf, 0.0, float(usable.sum(1).float().median()))
+        snr = spectrum_snr(flux, weight)
+        domain.snr_min = float(torch.nan_to_num(snr, nan=math.inf).min())
+        calib_flux, calib_weight = train if val is None or not len(val[0]) else val
+        scores = domain.score(calib_flux.float().cpu(), calib_weight.float().cpu())
+        scores = scores[torch.isfinite(scores)]
+        if len(scores):
+            domain.threshold = float(torch.quantile(scores.double(), 1.0 - FLAGGED_FRACTION))
+        if val is None or not len(val[0]):
+            log.warning("no validation split: the unlikeness threshold is calibrated on training spectra (too low a "
+                        "threshold: more new spectra are flagged)")
+        return domain
+
+    def score(self, flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(N,) unlikeness score: the weighted residual of the projection on the components per usable pixel."""
+        mean, components = self.mean_depth.to(flux.device), self.components.to(flux.device)
+        flux, weight = flux.float(), weight.float()
+        usable = weight > 0
+        centred = ((1.0 - flux) - mean) * usable
+        residual = (centred - (centred @ components.T) @ components) * usable
+        w = noise_weight(flux, weight)
+        n = usable.sum(1)
+        chi2 = (residual.square() * w).sum(1) / n.clamp(min=1)
+        return torch.where(n > 0, chi2, torch.full_like(chi2, math.inf))
+
+    def state(self) -> dict:
+        """Plain tensors and floats, loadable with `torch.load(weights_only=True)`."""
+        return {"mean_depth": self.mean_depth.cpu(), "components": self.components.cpu(), "threshold": self.threshold,
+                "snr_min": self.snr_min, "usable_median": self.usable_median}
+
+    @classmethod
+    def from_state(cls, state: dict) -> TrainingDomain:
+        return cls(state["mean_depth"].float(), state["components"].float(), float(state["threshold"]),
+                   float(state["snr_min"]), float(state["usable_median"]))
+
+
+def sample_rows(arrays: dict, n_max: int = MAX_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flux, weight) of at most `n_max` evenly spaced rows of a split (in memory or streamed alike)."""
+    n = len(arrays["flux"])
+    rows = np.unique(np.linspace(0, n - 1, num=min(n, n_max)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    index = torch.from_numpy(rows)
+    return arrays["flux"][index].float(), arrays["weight"][index].float()
+
+
+def domain_of(datamodule) -> TrainingDomain | None:
+    """The `TrainingDomain` of a set-up DataModule's training and validation splits (None if it has no pixel splits)."""
+    split_arrays = getattr(datamodule, "split_arrays", None)
+    if split_arrays is None:
+        return None
+    train = split_arrays("train")
+    if "weight" not in train or not len(train["flux"]):
+        return None
+    val = split_arrays("val") if "val" in getattr(datamodule, "tensors", {}) else None
+    return TrainingDomain.fit(sample_rows(train), sample_rows(val) if val is not None and len(val["flux"]) else None)
+
+
+__all__ = ["FLAGGED_FRACTION", "N_COMPONENTS", "TrainingDomain", "der_snr_noise", "domain_of", "noise_weight",
+           "spectrum_snr"]
