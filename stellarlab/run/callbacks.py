@@ -1,6 +1,7 @@
 """Callbacks and the checkpoint plugin stellarlab adds to Lightning's.
 
-- `FigureLogger`: figures in TensorBoard and as PNG files in the run folder.
+- `FigureLogger`: figures in TensorBoard and as PNG files in the run folder (example spectra; after the
+  test: predicted vs true, RMSE vs SNR with the Cramér–Rao bound, z-scores of predicted sigmas).
 - `ModelCheckpoint`: Lightning's, with `last.ckpt` written at the end of every epoch.
 - `ExactResume`: what Lightning's checkpoint lacks for a resumed run to repeat an uninterrupted one.
 - `GracefulStop`: SIGTERM, Ctrl-C or Slurm's requeue signal save `last.ckpt` before the run exits.
@@ -27,14 +28,19 @@ from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from stellarlab.files import atomic_path, write_bytes_atomic
-from stellarlab.results.plots import example_spectra_figure, pred_vs_true_figure
+from stellarlab.files import write_bytes_atomic
+from stellarlab.results.plots import example_spectra_figure, figures_of_test, save_png
 
 log = logging.getLogger("stellarlab.run.callbacks")
 
 
 class FigureLogger(pl.Callback):
-    """Example spectra at the start of fitting; predicted vs true with residuals after testing."""
+    """Figures in TensorBoard and as PNG files in `<run>/figures/` (or `save_dir`).
+
+    At the start of fitting: example spectra. After testing (`results.plots.figures_of_test`): predicted
+    vs true with residuals; RMSE vs SNR per label with the Cramér–Rao bound on the synthetic survey; the
+    z-scores of predicted sigmas (models with loss=gaussian_nll).
+    """
 
     def __init__(self, n_example_spectra: int = 4, save_dir: str | None = None):
         self.n_example_spectra = int(n_example_spectra)
@@ -45,8 +51,7 @@ class FigureLogger(pl.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
         out = Path(self.save_dir or Path(trainer.default_root_dir) / "figures")
-        with atomic_path(out / (tag.replace("/", "_") + ".png")) as tmp:  # a killed run leaves no half PNG
-            fig.savefig(tmp, dpi=110)
+        save_png(fig, out / (tag.replace("/", "_") + ".png"))  # atomic: a killed run leaves no half PNG
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -61,8 +66,10 @@ class FigureLogger(pl.Callback):
         results = getattr(pl_module, "test_results", None)
         if not trainer.is_global_zero or not results:
             return
-        fig = pred_vs_true_figure(results["pred"], results["true"], pl_module.label_names)
-        self._emit(trainer, "test/pred_vs_true", fig)
+        # debug=fdr tests one batch: no bound over the whole split (the test step skips it too)
+        figures = figures_of_test(results, trainer.datamodule, pl_module.label_names, with_bound=not trainer.fast_dev_run)
+        for tag, fig in figures.items():
+            self._emit(trainer, tag, fig)
 
 
 # -- resuming ------------------------------------------------------------------------------------------
