@@ -71,24 +71,35 @@ def test_model(trainer, model, datamodule, cfg, ckpt_path: str | None = None) ->
         model.test_results = results
         model.best_val_loss, model.best_val_mse = extra["best_val_loss"], extra["best_val_mse"]
         spawned_val_loss = model.best_val_loss  # fit ran in spawned processes too: this object never trained
+    return report_results(results, datamodule, cfg, best_val_loss=spawned_val_loss,
+                          best_val_mse=getattr(model, "best_val_mse", None), rank_zero=trainer.is_global_zero,
+                          whole_split=not trainer.fast_dev_run)
+
+
+def report_results(results: dict, datamodule, cfg, title: str = "test metrics", best_val_loss: float | None = None,
+                   best_val_mse: float | None = None, rank_zero: bool = True, whole_split: bool = True) -> TestResults:
+    """A test's results (`pred`, `true`, optional `sigma`, `metrics`, `calibration`, `loss`) as every test reports
+    them: the bound where known, bootstrap intervals, the printed table, test_predictions.csv.
+
+    Shared by a single model's test step and an ensemble's (`stellarlab.results.ensemble`)."""
     label_names = list(datamodule.label_names)
     tested = TestResults(
         test_loss=results["loss"],
         test=results["metrics"],
         calibration=results.get("calibration") or None,
-        best_val_loss=spawned_val_loss,
-        best_val_mse=getattr(model, "best_val_mse", None),
+        best_val_loss=best_val_loss,
+        best_val_mse=best_val_mse,
     )
-    if trainer.is_global_zero and not trainer.fast_dev_run:  # debug=fdr tests one batch: no bound over the split
+    if rank_zero and whole_split:  # debug=fdr tests one batch: no bound over the split
         from stellarlab.synthetic.crlb import crlb_vs_rmse
 
         tested.crlb = crlb_vs_rmse(datamodule, tested.test)  # None unless the data is the synthetic survey
         if tested.crlb is not None:
             log.info("test RMSE / Cramer-Rao bound: %s", ", ".join(f"{k} {v['ratio']:.2f}" for k, v in tested.crlb.items()))
     tested.bootstrap, caption = bootstrap_test_metrics(tested.test, results, label_names, cfg.get("bootstrap"))
-    if trainer.is_global_zero:
+    if rank_zero:
         n_test = len(datamodule.split_index["test"])
-        print_metrics(tested.test, title=f"test metrics ({n_test} spectra)", caption=caption)
+        print_metrics(tested.test, title=f"{title} ({n_test} spectra)", caption=caption)
         out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, label_names)
         tested.test_predictions = str(out)
     return tested

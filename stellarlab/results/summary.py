@@ -96,9 +96,10 @@ def train_summary(
     return record
 
 
-def eval_summary(run: dict, checkpoint: str, tested: TestResults) -> dict:
-    """The record eval.py writes: the checkpoint it tested and the test."""
-    return {**run, "checkpoint": str(checkpoint), **tested.fields()}
+def eval_summary(run: dict, checkpoint: str | list[str], tested: TestResults) -> dict:
+    """The record eval.py writes: the checkpoint it tested (a list for an ensemble) and the test."""
+    checkpoint = [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else str(checkpoint)
+    return {**run, "checkpoint": checkpoint, **tested.fields()}
 
 
 def failed_summary(run_dir: str | Path, optimized_metric: str | None, err: BaseException, cause: BaseException) -> dict:
