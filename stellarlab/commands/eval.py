@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -30,7 +29,9 @@ def run_config(cfg: DictConfig) -> DictConfig:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    ckpt = Path(cfg.ckpt_path)
+    from stellarlab.results.ensemble import member_checkpoints
+
+    ckpt = member_checkpoints(cfg.ckpt_path)[0]  # an ensemble's members share their data: the first one's config
     saved = ckpt.resolve().parent.parent / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         log.warning("no %s beside the checkpoint: using this command's config as is", saved)
@@ -43,7 +44,8 @@ def run_config(cfg: DictConfig) -> DictConfig:
     if training_only:
         log.info("left out the training-only overrides %s", training_only)
     here = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
-    composed = compose(config_name="eval", overrides=[*train_overrides, *here, f"ckpt_path={cfg.ckpt_path}"])
+    given = [o for o in HydraConfig.get().overrides.task if o.startswith("ckpt_path=")]  # a file, a list or a folder
+    composed = compose(config_name="eval", overrides=[*train_overrides, *here, *given])
     with open_dict(composed):  # the training run's data paths; this eval run's own folder
         composed.paths.output_dir = cfg.paths.output_dir
         composed.task_name = cfg.task_name
@@ -54,6 +56,7 @@ def run_config(cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict:
     import torch
 
+    from stellarlab.results import ensemble
     from stellarlab.results.evaluation import test_model
     from stellarlab.results.hparams import run_tags
     from stellarlab.results.prediction import load_model
@@ -62,7 +65,14 @@ def evaluate(cfg: DictConfig) -> dict:
 
     cfg = run_config(cfg)
     check_trainer_config(cfg.trainer.accelerator, cfg.trainer.get("precision", "32-true"))
-    model, _ = load_model(cfg.ckpt_path)
+    members = ensemble.member_checkpoints(cfg.ckpt_path)
+    mc_dropout = cfg.get("mc_dropout") or 0
+    loaded = [load_model(m) for m in members]
+    models = [m for m, _ in loaded]
+    ensemble.check_members_agree(models, members, [p for _, p in loaded])
+    for model in models:
+        ensemble.check_mc_dropout(model, mc_dropout)
+    model = models[0]
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -76,12 +86,35 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     if not len(datamodule.split_index["test"]):
         raise ConfigError("the test split is empty; give data.split a test part")
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     run = run_fields(cfg.paths.output_dir, datamodule.label_names, {k: len(v) for k, v in datamodule.split_index.items()},
-                     model.n_parameters, run_tags(cfg))
-    summary = eval_summary(run, cfg.ckpt_path, test_model(trainer, model, datamodule, cfg))
+                     sum(m.n_parameters for m in models), run_tags(cfg))
+    if len(models) == 1 and not mc_dropout:
+        from stellarlab.run.callbacks import FigureLogger  # the test figures, as train.py's test draws them
+
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[FigureLogger(n_example_spectra=0)],
+                                          enable_checkpointing=False)
+        summary = eval_summary(run, str(members[0]), test_model(trainer, model, datamodule, cfg))
+    else:
+        summary = eval_summary(run, [str(m) for m in members], test_ensemble(models, datamodule, cfg, mc_dropout))
+        summary["ensemble"] = {"members": [str(m) for m in members], "mc_dropout": int(mc_dropout)}
     log.info("wrote %s", write_summary(cfg.paths.output_dir, summary))
     return summary
+
+
+def test_ensemble(models, datamodule, cfg, mc_dropout: int):
+    """The test step of an ensemble (or MC dropout): metrics of the members' mean, calibration of the total sigma."""
+    import torch
+
+    from stellarlab.results.ensemble import test_split_results
+    from stellarlab.results.evaluation import report_results
+
+    device = cfg.trainer.accelerator if cfg.trainer.accelerator in ("cuda", "mps") else "cpu"
+    models = [m.to(torch.device(device)) for m in models]
+    results = test_split_results(models, datamodule, mc_dropout, int(datamodule.eval_batch_size))
+    what = f"{len(models)} models" + (f" x {mc_dropout} MC-dropout passes" if mc_dropout else "")
+    log.info("ensemble of %s: mean spread across members %s", what, {
+        label: float(v) for label, v in zip(models[0].label_names, results["spread"].mean(axis=0).round(4))})
+    return report_results(results, datamodule, cfg, title=f"ensemble test metrics ({what})")
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")

@@ -54,6 +54,51 @@ def combine(means: Sequence[np.ndarray], sigmas: Sequence[np.ndarray | None]) ->
     return Combined(mean=mean, spread=spread, member_sigma=member, sigma=total, n_members=len(stack))
 
 
+def member_predictions(models: Sequence, flux, weight, mc_dropout: int = 0) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Each member's (mean, sigma) of one batch in physical units: one per model, or with `mc_dropout=N` N passes of
+    each model. `flux`, `weight`: (B, P) tensors on the models' device."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for model in models:
+            passes = model.predict_mc_dropout(flux, weight, mc_dropout) if mc_dropout else [model.predict_with_sigma(flux, weight)]
+            out += [(m.double().cpu().numpy(), None if s is None else s.double().cpu().numpy()) for m, s in passes]
+    return out
+
+
+def combine_members(predictions: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> Combined:
+    """`combine` of `member_predictions`' output."""
+    return combine([m for m, _ in predictions], [s for _, s in predictions])
+
+
+def test_split_results(models: Sequence, datamodule, mc_dropout: int = 0, batch_size: int = 1024) -> dict:
+    """The ensemble on the DataModule's test split, as the test step reports a single model: `pred`, `true`,
+    `sigma` (total), `spread`, per-label `metrics`, `calibration` of the total sigma, and the Gaussian NLL `loss` (standardised labels, as a model's test loss)."""
+    import torch
+
+    from stellarlab.metrics import calibration, label_metrics
+
+    test = datamodule.split_arrays("test")
+    device = next(iter(models[0].buffers())).device
+    parts: list[Combined] = []
+    for start in range(0, len(test["flux"]), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(test["flux"])))
+        flux, weight = (test[key][rows].to(device) for key in ("flux", "weight"))
+        parts.append(combine_members(member_predictions(models, flux, weight, mc_dropout)))
+    joined = {key: np.concatenate([getattr(p, key) for p in parts]) for key in ("mean", "spread", "member_sigma", "sigma")}
+    true = test["labels_phys"].double().numpy()
+    names = list(models[0].label_names)
+    metrics = label_metrics(joined["mean"], true, names, models[0].label_mean.cpu().numpy())
+    sigma = np.maximum(joined["sigma"], 1e-12)
+    std = models[0].label_std.double().cpu().numpy()
+    with np.errstate(invalid="ignore"):  # on standardised labels, like a single model's test loss
+        nll = 0.5 * ((joined["mean"] - true) / sigma) ** 2 + np.log(sigma / std) + 0.5 * np.log(2 * np.pi)
+    return {"pred": joined["mean"], "true": true, "sigma": joined["sigma"], "spread": joined["spread"],
+            "metrics": metrics, "calibration": calibration(joined["mean"], true, joined["sigma"], names),
+            "loss": float(np.nanmean(nll)), "n_members": parts[0].n_members if parts else 0}
+
+
 def _best_checkpoint(run_dir: Path, summary: dict) -> Path | None:
     """The run's best checkpoint: as metrics.json names it (relative to the run when it moved), else the newest best-*.ckpt."""
     named = summary.get("best_checkpoint")
@@ -123,4 +168,5 @@ def check_mc_dropout(model, n_passes: int) -> None:
                           "train with model.dropout=0.1 (say), or use an ensemble: ckpt_path=[a,b,c]")
 
 
-__all__ = ["Combined", "check_mc_dropout", "check_members_agree", "combine", "member_checkpoints"]
+__all__ = ["Combined", "check_mc_dropout", "check_members_agree", "combine", "combine_members", "member_checkpoints",
+           "member_predictions", "test_split_results"]
