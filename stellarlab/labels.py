@@ -27,6 +27,21 @@ LABEL_INFO: dict[str, tuple[str, str]] = {
 }
 
 
+#: Catalogue units (astropy unit strings) of a label's value and of its uncertainty. log g is the logarithm of
+#: an acceleration, its errors are in dex; abundances ([X/H], [X/Fe], [X/M]) are dex. None: unknown.
+CATALOG_UNITS: dict[str, tuple[str, str]] = {"teff": ("K", "K"), "logg": ("dex(cm/s2)", "dex")}
+
+
+def catalog_units(name: str) -> tuple[str | None, str | None]:
+    """(value unit, uncertainty unit) of a label in a catalogue; abundance ratios (`*_h`, `*_fe`, `*_m`) in dex."""
+    key = name.lower()
+    if key in CATALOG_UNITS:
+        return CATALOG_UNITS[key]
+    if label_unit(key) == "dex" or key.endswith(("_h", "_fe", "_m")):
+        return "dex", "dex"
+    return None, None
+
+
 def label_display(name: str) -> str:
     return LABEL_INFO.get(name.lower(), (name, ""))[0]
 

@@ -1,20 +1,32 @@
-"""Flux arrays that belong to no survey: the optional log flux transform, and `.npy` spectra for predict.py.
+"""Flux arrays that belong to no survey: the log flux transform, resampling, `.npy` inputs, and reading inputs in parallel.
 
 `flux_transform=log` stores `1 + ln(max(flux, flux_floor))`: the continuum stays at 1 and models read
 the absorption depth `1 - flux` as an optical depth `-ln(flux)`. The GALAH DataModules offer it;
-checkpoints record it (`flux_transform`, `flux_floor` in the preprocessing), and `read_npy` applies it
-to new spectra just as training did. numpy only, so reading needs neither torch nor a survey package.
+checkpoints record it (`flux_transform`, `flux_floor` in the preprocessing), and `.npy` inputs get it
+just as training did. numpy only: reading needs neither torch nor a survey package, and the functions
+here run in worker processes.
+
+predict.py reads a `.npy` a block of rows at a time (`NpyInput.read`): positional reads of the rows asked
+for, so memory stays that of a block whatever the file's size (pages touched through a memory map would
+count in the process's resident memory until unmapped).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from stellarlab.data.surveys import InputRows
 from stellarlab.errors import DataError
 
 FLUX_TRANSFORMS = ("none", "log")
+PARALLEL = ("process", "thread")
 
 
 def transform_flux(flux: np.ndarray, kind: str, floor: float) -> np.ndarray:
@@ -26,24 +38,47 @@ def transform_flux(flux: np.ndarray, kind: str, floor: float) -> np.ndarray:
         return (np.float32(1.0) + np.log(np.maximum(flux, np.float32(floor)))).astype(np.float32)
 
 
-def resample(flux: np.ndarray, weight: np.ndarray, wave_in: np.ndarray, wave_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Linear interpolation onto the model grid; pixels outside the input range, or next to a bad one, get weight 0."""
-    order = np.argsort(wave_in)
-    wave_in, flux, weight = wave_in[order], flux[:, order], weight[:, order]
-    out_flux = np.empty((len(flux), len(wave_out)), dtype=np.float32)
-    out_weight = np.empty_like(out_flux)
+def interpolation_weights(wave_in: np.ndarray, wave_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(left, right, t, inside) of linear interpolation from sorted `wave_in` onto `wave_out`:
+    out = (1 - t) * in[left] + t * in[right], for output pixels `inside` the input range."""
     inside = (wave_out >= wave_in[0]) & (wave_out <= wave_in[-1])
     right = np.clip(np.searchsorted(wave_in, wave_out), 1, len(wave_in) - 1)
-    for i in range(len(flux)):  # one interpolation per spectrum (vectorised over pixels)
-        out_flux[i] = np.interp(wave_out, wave_in, flux[i])
-        bad = weight[i] <= 0
-        out_weight[i] = np.interp(wave_out, wave_in, weight[i])
-        out_weight[i][bad[right] | bad[right - 1] | ~inside] = 0.0
-    out_flux[out_weight <= 0] = 1.0
-    return out_flux, out_weight
+    left = right - 1
+    step = wave_in[right] - wave_in[left]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(step > 0, (wave_out - wave_in[left]) / np.where(step > 0, step, 1.0), 0.0)
+    return left, right, np.clip(t, 0.0, 1.0), inside
 
 
+def resample(flux: np.ndarray, weight: np.ndarray, wave_in: np.ndarray, wave_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation onto the model grid, the inverse variance carried through the same coefficients.
+
+    An output pixel is the linear map (1 - t) f_l + t f_r of its two neighbours, so its variance is
+    (1 - t)^2 var_l + t^2 var_r (var = 1 / weight): errors are propagated, not interpolated (interpolating
+    them would claim the noise of one pixel halfway between two, where averaging two has less). Neighbouring
+    output pixels share inputs, so their errors are correlated; the weight is each pixel's own variance.
+    Pixels outside the input range, or that take a share of a bad pixel, get weight 0 (and flux 1)."""
+    order = np.argsort(wave_in, kind="stable")
+    wave_in = np.asarray(wave_in, dtype=np.float64)[order]
+    flux, weight = np.asarray(flux)[:, order], np.asarray(weight)[:, order]
+    left, right, t, inside = interpolation_weights(wave_in, np.asarray(wave_out, dtype=np.float64))
+    a, b = (1.0 - t).astype(np.float32), t.astype(np.float32)
+    bad = ~(weight > 0) | ~np.isfinite(flux) | ~np.isfinite(weight)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        var = np.where(bad, np.float32(0.0), np.float32(1.0) / np.where(bad, np.float32(1.0), weight))
+        clean = np.where(bad, np.float32(1.0), flux).astype(np.float32)
+        out_flux = a * clean[:, left] + b * clean[:, right]
+        out_var = a * a * var[:, left] + b * b * var[:, right]
+        out_bad = (bad[:, left] & (a > 0)) | (bad[:, right] & (b > 0)) | ~inside | ~(out_var > 0) | ~np.isfinite(out_var)
+        out_weight = np.where(out_bad, np.float32(0.0), np.float32(1.0) / np.where(out_bad, np.float32(1.0), out_var))
+    out_flux[out_bad] = 1.0
+    return out_flux.astype(np.float32), out_weight.astype(np.float32)
+
+
+# -- .npy inputs ----------------------------------------------------------------------------------
 NPY_MAGIC = b"\x93NUMPY"
+IVAR_SUFFIX = "_ivar"
+RESAMPLE_ROWS = 128
 
 
 def _check_npy_header(path: Path) -> None:
@@ -70,54 +105,197 @@ def _check_npy_header(path: Path) -> None:
                         "e.g. np.save(path, np.asarray(flux, dtype=np.float32))")
 
 
-def read_npy(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray,
-             input_wavelength: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """predict.py's reader of an (N, pixels) or (pixels,) `.npy` array: (flux, weight, ids) on the model's grid.
-
-    Spectra on another grid are resampled onto it when `input_wavelength` names their wavelengths."""
-    n_pixels = len(wavelength)
+def _open_rows(path: Path, what: str) -> np.memmap:
+    """The array memory-mapped (nothing read yet), as (N, pixels); DataError naming the file otherwise."""
     _check_npy_header(path)
     try:
-        flux = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise DataError(f"{path}: not a readable .npy array ({err}); is the file truncated?") from err
-    if flux.ndim == 1:
-        flux = flux[None, :]
-    if flux.ndim != 2 or flux.dtype.kind not in "iuf":
-        raise DataError(f"{path}: expected a real-valued (N, pixels) or (pixels,) array, got {flux.dtype} {list(flux.shape)}")
-    if flux.size == 0:
-        raise DataError(f"{path}: the array {list(flux.shape)} holds no spectra; save the spectra as an (N, pixels) array")
-    flux = np.asarray(flux, dtype=np.float32)
-    weight = np.isfinite(flux).astype(np.float32)
-    transform = preprocessing.get("flux_transform", "none")
-    if transform != "none":
-        flux = transform_flux(flux, transform, float(preprocessing.get("flux_floor", 0.0)))
-    if flux.shape[1] != n_pixels:
-        if input_wavelength is None:
-            raise DataError(
-                f"{path}: spectra have {flux.shape[1]} pixels but the checkpoint's grid has {n_pixels} "
-                f"({wavelength[0]:.2f}-{wavelength[-1]:.2f} A); pass input_wavelength=<.npy of {flux.shape[1]} wavelengths in A> "
-                "to resample them onto it"
-            )
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.dtype.kind not in "iuf":
+        raise DataError(f"{path}: expected a real-valued (N, pixels) or (pixels,) {what} array, got {array.dtype} "
+                        f"{list(array.shape)}")
+    if array.size == 0:
+        raise DataError(f"{path}: the array {list(array.shape)} holds no spectra; save the spectra as an (N, pixels) array")
+    return array
+
+
+def read_rows(array: np.memmap, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a memory-mapped (N, P) array as native float32, read with one positional read when
+    the rows lie end to end in the file; otherwise copied through the map, whose pages are then released."""
+    n_pixels = array.shape[1]
+    if isinstance(array, np.memmap) and array.flags.c_contiguous and array.filename and getattr(array, "_mmap", None):
+        raw = np.empty((stop - start, n_pixels), dtype=array.dtype)
+        position = array.offset + start * n_pixels * array.dtype.itemsize
+        buffer = memoryview(raw.reshape(-1).view(np.uint8))
+        with open(array.filename, "rb", buffering=0) as fh:
+            fh.seek(position)
+            while len(buffer):
+                got = fh.readinto(buffer)
+                if not got:
+                    raise DataError(f"{array.filename} ended early: the file is truncated; write it again")
+                buffer = buffer[got:]
+        return raw if raw.dtype == np.float32 and raw.dtype.isnative else raw.astype(np.float32)
+    rows = np.array(array[start:stop], dtype=np.float32)
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)  # a Fortran-ordered file: let the pages go (they stay in the page cache)
+    return rows
+
+
+@dataclass
+class NpyInput:
+    """An (N, pixels) or (pixels,) `.npy` of flux (its inverse variance optionally in `<name>_ivar.npy`),
+    read a block of rows at a time onto the model's grid: the flux transform of training, resampling when
+    its grid is another (`input_wavelength`). Without an ivar file every finite pixel has weight 1."""
+
+    path: Path
+    n_rows: int
+    one_d: bool
+    wavelength: np.ndarray  # the model's grid
+    preprocessing: dict = field(default_factory=dict)
+    wave_in: np.ndarray | None = None  # the file's grid, when it is not the model's
+    ivar_path: Path | None = None
+    parallel: str = "thread"
+
+    def read(self, start: int = 0, stop: int | None = None) -> InputRows:
+        stop = self.n_rows if stop is None else stop
+        flux = read_rows(_open_rows(self.path, "flux"), start, stop)
+        finite = np.isfinite(flux)
+        if self.ivar_path is None:
+            weight = finite.astype(np.float32)
+        else:
+            ivar = read_rows(_open_rows(self.ivar_path, "inverse-variance"), start, stop)
+            with np.errstate(invalid="ignore"):
+                weight = np.where(finite & np.isfinite(ivar) & (ivar > 0), ivar, np.float32(0.0)).astype(np.float32)
+        transform = self.preprocessing.get("flux_transform", "none")
+        if transform != "none":
+            flux = transform_flux(flux, transform, float(self.preprocessing.get("flux_floor", 0.0)))
+        if self.wave_in is not None:  # in blocks: resampling makes a few temporaries of the block's size
+            parts = [resample(flux[i : i + RESAMPLE_ROWS], weight[i : i + RESAMPLE_ROWS], self.wave_in, self.wavelength)
+                     for i in range(0, len(flux), RESAMPLE_ROWS)]
+            flux, weight = np.concatenate([f for f, _ in parts]), np.concatenate([w for _, w in parts])
+        ids = [self.path.stem] if self.one_d else [f"{self.path.stem}:{i}" for i in range(start, stop)]
+        return InputRows(flux=flux, weight=weight, ids={"id": ids}, snr=np.full(stop - start, np.nan, dtype=np.float32))
+
+
+def _input_grid(path: Path, n_in: int, wavelength: np.ndarray, input_wavelength: str | None) -> np.ndarray | None:
+    """None when the file's pixels are the model's; else its wavelengths, checked to cover the model's grid."""
+    n_pixels = len(wavelength)
+    if n_in == n_pixels:
+        return None
+    if input_wavelength is None:
+        raise DataError(
+            f"{path}: spectra have {n_in} pixels but the checkpoint's grid has {n_pixels} "
+            f"({wavelength[0]:.2f}-{wavelength[-1]:.2f} A); pass input_wavelength=<.npy of {n_in} wavelengths in A> "
+            "to resample them onto it"
+        )
+    try:
+        wave_in = np.load(input_wavelength, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"input_wavelength={input_wavelength}: not a readable .npy array ({err})") from err
+    if wave_in.shape != (n_in,) or wave_in.dtype.kind not in "iuf" or not np.isfinite(wave_in).all():
+        raise DataError(
+            f"input_wavelength={input_wavelength} holds {wave_in.dtype} {list(wave_in.shape)}; {path} needs "
+            f"{n_in} finite wavelengths in A, one per pixel"
+        )
+    wave_in = wave_in.astype(np.float64)
+    overlap = np.mean((wavelength >= wave_in.min()) & (wavelength <= wave_in.max()))
+    if overlap < 0.5:
+        raise DataError(
+            f"{path}: its grid ({wave_in.min():.1f}-{wave_in.max():.1f} A) covers {overlap:.0%} of the checkpoint's "
+            f"({wavelength[0]:.1f}-{wavelength[-1]:.1f} A); this model cannot read these spectra"
+        )
+    return wave_in
+
+
+def open_npy(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray,
+             input_wavelength: str | None = None) -> NpyInput:
+    """predict.py's reader of a `.npy` (registered in `stellarlab.data.surveys`): header, shape and grid checked
+    now, rows read later (`NpyInput.read`)."""
+    path = Path(path)
+    flux = _open_rows(path, "flux")
+    one_d = np.load(path, mmap_mode="r", allow_pickle=False).ndim == 1
+    wave_in = _input_grid(path, flux.shape[1], np.asarray(wavelength, dtype=np.float64), input_wavelength)
+    ivar_path = path.with_name(f"{path.stem}{IVAR_SUFFIX}.npy")
+    if ivar_path.is_file():
+        ivar = _open_rows(ivar_path, "inverse-variance")
+        if ivar.shape != flux.shape:
+            raise DataError(f"{ivar_path} holds {list(ivar.shape)} but {path} {list(flux.shape)}: the inverse variance "
+                            f"beside a flux file ({path.stem}{IVAR_SUFFIX}.npy) needs one value per pixel; fix or remove it")
+    else:
+        ivar_path = None
+    return NpyInput(path=path, n_rows=int(flux.shape[0]), one_d=one_d, wavelength=np.asarray(wavelength, dtype=np.float64),
+                    preprocessing=dict(preprocessing), wave_in=wave_in, ivar_path=ivar_path)
+
+
+def read_npy(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray,
+             input_wavelength: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every row of a `.npy` at once: (flux, weight, ids) on the model's grid (the whole file in memory)."""
+    rows = open_npy(path, fmt, preprocessing, wavelength, input_wavelength).read()
+    return rows.flux, rows.weight, rows.ids["id"]
+
+
+# -- reading inputs in parallel -----------------------------------------------------------------------
+@dataclass
+class Block:
+    """What `read_block` returns: the rows of one task's inputs that could be read, and the files that could not."""
+
+    index: int  # the task's position: blocks are put back in input order
+    rows: list[tuple[int, InputRows]]  # (position of the input in the task, its rows)
+    bad: list[tuple[int, str]]  # (position of the input in the task, message)
+
+
+def read_block(task: tuple[int, list[tuple[object, int, int]]]) -> Block:
+    """Worker entry point: rows [start, stop) of each input of the task. An input that cannot be read (truncated,
+    wrong HDUs, unreadable header) does not stop the others: its DataError message is returned instead."""
+    index, parts = task
+    rows, bad = [], []
+    for k, (source, start, stop) in enumerate(parts):
         try:
-            wave_in = np.load(input_wavelength, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"input_wavelength={input_wavelength}: not a readable .npy array ({err})") from err
-        if wave_in.shape != (flux.shape[1],) or wave_in.dtype.kind not in "iuf" or not np.isfinite(wave_in).all():
-            raise DataError(
-                f"input_wavelength={input_wavelength} holds {wave_in.dtype} {list(wave_in.shape)}; {path} needs "
-                f"{flux.shape[1]} finite wavelengths in A, one per pixel"
-            )
-        wave_in = wave_in.astype(np.float64)
-        overlap = np.mean((wavelength >= wave_in.min()) & (wavelength <= wave_in.max()))
-        if overlap < 0.5:
-            raise DataError(
-                f"{path}: its grid ({wave_in.min():.1f}-{wave_in.max():.1f} A) covers {overlap:.0%} of the checkpoint's "
-                f"({wavelength[0]:.1f}-{wavelength[-1]:.1f} A); this model cannot read these spectra"
-            )
-        flux, weight = resample(np.where(weight > 0, flux, 1.0), weight, wave_in, wavelength)
-    ids = [path.stem] if len(flux) == 1 else [f"{path.stem}:{i}" for i in range(len(flux))]
-    return flux, weight, ids
+            rows.append((k, source.read(start, stop)))
+        except DataError as err:
+            bad.append((k, str(err)))
+    return Block(index, rows, bad)
 
 
-__all__ = ["FLUX_TRANSFORMS", "read_npy", "resample", "transform_flux"]
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, e.g. under Slurm or taskset), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def parallel_results(function: Callable, tasks: Iterable, workers: int, parallel: str = "process",
+                     in_flight: int | None = None) -> Iterator:
+    """`function(task)` for every task, in the order they finish, by `workers` processes or threads (1: here).
+
+    At most `in_flight` tasks (default 2 per worker) are submitted at a time, so memory does not grow with the
+    number of tasks. Results are yielded as they complete; the caller puts them in order if it needs to."""
+    if workers <= 1:
+        yield from map(function, tasks)
+        return
+    limit = in_flight or 2 * workers
+    pool = (ProcessPoolExecutor if parallel == "process" else ThreadPoolExecutor)(max_workers=workers)
+    try:
+        pending: set = set()
+        for task in tasks:
+            pending.add(pool.submit(function, task))
+            if len(pending) >= limit:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = [
+    "Block", "FLUX_TRANSFORMS", "NpyInput", "PARALLEL", "interpolation_weights", "open_npy", "parallel_results",
+    "read_block", "read_npy", "read_rows", "resample", "transform_flux", "usable_cores",
+]
