@@ -12,15 +12,21 @@ Two ways to hold the spectra (`in_memory`):
 
 Either way `datamodule.tensors[split]` (also `split_arrays(split)`) holds `flux`, `weight`, `labels`
 (standardised), `labels_phys` and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
-row-indexable views that read on demand.
+row-indexable views that read on demand. `split_ids(split)` holds what names each row (the star id and
+the survey's own ids, e.g. APOGEE_ID, FIELD), for catalogues and test_predictions.csv.
+
+Every checkpoint carries a record of the split (`split_record`): which stars went where, as digests and,
+for surveys whose star ids are survey-wide names, hashes of them. predict.py compares it with the data
+it is given, so a catalogue can say which rows are training stars.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -60,6 +66,38 @@ class SpectraArrays:
     star_id: np.ndarray  # (N,) rows of one star share an id: the split unit
     wavelength: np.ndarray  # (P,) Angstrom
     extra: dict = field(default_factory=dict)  # per-spectrum extras, e.g. "snr": (N,)
+    ids: dict = field(default_factory=dict)  # per-spectrum identifiers under the survey's names (any dtype), e.g. "FIELD"
+
+
+def id_hashes(star_id: np.ndarray) -> np.ndarray:
+    """A 63-bit hash of each star id (as text), row by row: compact and comparable across processes."""
+    unique, inverse = np.unique(np.asarray(star_id).astype(str), return_inverse=True)
+    hashes = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1 for s in unique.tolist()]
+    return np.asarray(hashes, dtype=np.int64)[inverse.reshape(-1)]
+
+
+def star_hashes(star_id: np.ndarray) -> np.ndarray:
+    """Sorted unique hashes of a set of stars' ids (`id_hashes`): a training split's record of its stars."""
+    return np.unique(id_hashes(star_id))
+
+
+def _same_stars(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """Two `split_digests`: the same star ids with the same values of every label both have (at least one)."""
+    common = (set(a) & set(b)) - {"star_id"}
+    return a.get("star_id") == b.get("star_id") and bool(common) and all(a[k] == b[k] for k in common)
+
+
+def split_digests(star_id: np.ndarray, labels: np.ndarray, label_names: Sequence[str]) -> dict[str, str]:
+    """SHA-256 of a split's star ids (`star_id`) and of the ids with each label's values (`<label>`), row order
+    ignored: equal digests are the same stars, with the same labels, on this side of the split."""
+    ids = np.asarray(star_id).astype(str)
+    order = np.argsort(ids, kind="stable")
+    key = "\0".join(ids[order].tolist()).encode()
+    out = {"star_id": hashlib.sha256(key).hexdigest()}
+    for j, name in enumerate(label_names):
+        column = np.ascontiguousarray(np.asarray(labels, dtype=np.float32)[order, j])
+        out[str(name)] = hashlib.sha256(key + b"\0" + column.tobytes()).hexdigest()
+    return out
 
 
 class SpectraDataModule(pl.LightningDataModule):
@@ -67,6 +105,10 @@ class SpectraDataModule(pl.LightningDataModule):
 
     Arguments state their rules in their annotations, a subclass's too (`stellarlab.checks`): `__new__`
     applies them to each call, `validate_train_config` to the config."""
+
+    #: What the star ids are when they name a star across the whole survey (APOGEE's "APOGEE_ID"), so that
+    #: another selection of it can be checked against a training split star by star; None: ids of this data only.
+    star_id_name: ClassVar[str | None] = None
 
     def __new__(cls, *args, **kwargs):
         check_call(cls, args, kwargs, "data")
@@ -102,6 +144,8 @@ class SpectraDataModule(pl.LightningDataModule):
         self.scaler: LabelScaler | None = None
         self.wavelength: np.ndarray | None = None
         self.split_index: dict[str, np.ndarray] = {}
+        self._split_ids: dict[str, dict[str, np.ndarray]] = {}
+        self._split_record: dict | None = None
         self.tensors: dict[str, dict[str, torch.Tensor | SplitRows]] = {}
         self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -144,6 +188,10 @@ class SpectraDataModule(pl.LightningDataModule):
             kept = np.asarray(extra)[keep]  # split indices count the rows _validated kept
             for split, idx in self.split_index.items():
                 self.tensors[split][name] = torch.as_tensor(kept[idx])
+        ids = {"star_id": star_id, **{k: np.asarray(v)[keep] for k, v in arrays.ids.items()}} if arrays.ids else \
+            {"star_id": star_id, "row": kept_rows}
+        self._split_ids = {split: {k: v[idx] for k, v in ids.items()} for split, idx in self.split_index.items()}
+        self._split_record = None
         log.info("split by star (seed %d): %s spectra; labels %s standardised with train mean %s, std %s", self.split_seed,
                  "/".join(str(len(i)) for i in self.split_index.values()), self.label_names,
                  np.round(self.scaler.mean, 4).tolist(), np.round(self.scaler.std, 4).tolist())
@@ -194,6 +242,62 @@ class SpectraDataModule(pl.LightningDataModule):
             log.warning("dropping %d of %d spectra with no usable label or no valid pixel", (~keep).sum(), n)
         return PixelSource(flux, weight, needs_fix), labels[keep], np.asarray(a.star_id)[keep], keep
 
+    def split_ids(self, split: str) -> dict[str, np.ndarray]:
+        """What names each row of a split, in split order: `star_id`, then the survey's own ids (APOGEE_ID,
+        TELESCOPE, FIELD, FILE; sobject_id; ...) or, for data without any, `row` (the spectrum's row in the data)."""
+        self.split_arrays(split)  # the error for a split that is not set up
+        return self._split_ids[split]
+
+    def split_record(self) -> dict:
+        """Which stars are on which side of the split, saved in every checkpoint (plain types and tensors only).
+
+        `digests`: per split, SHA-256 of its star ids and of the ids with each label (`split_digests`);
+        `star_id_name` and, when it is set, `stars`: per split the sorted 63-bit hashes of its star ids."""
+        if self._split_record is None:
+            record: dict = {"seed": self.split_seed, "sizes": {k: len(v) for k, v in self.split_index.items()},
+                            "star_id_name": self.star_id_name, "digests": {}}
+            for split, ids in self._split_ids.items():
+                labels = self.tensors[split]["labels_phys"].numpy()
+                record["digests"][split] = split_digests(ids["star_id"], labels, self.label_names)
+            if self.star_id_name:
+                record["stars"] = {split: torch.from_numpy(star_hashes(ids["star_id"])) for split, ids in self._split_ids.items()}
+            self._split_record = record
+        return self._split_record
+
+    def splits_of_training(self, record: Mapping | None, trained_survey: str | None) -> tuple[dict[str, np.ndarray] | None, str]:
+        """Per split of this data, the side of a checkpoint's training split each row's star was on: `train`,
+        `val`, `test`, or `none` (a star it never saw); and how that was decided. (None, why) when it cannot be told.
+
+        The same stars with the same labels in the same splits (`record`'s digests): each row's own split. Star ids
+        that name stars survey-wide (APOGEE_ID) on both sides: star by star. A generated survey against a real
+        one: no star in common. Otherwise (another synthetic survey, other cuts of a survey without such names)
+        the stars cannot be matched."""
+        from stellarlab.data.surveys import SURVEYS, survey_of_class
+
+        own = self.split_record()
+        sizes = {split: len(ids["star_id"]) for split, ids in self._split_ids.items()}
+        digests = (record or {}).get("digests") or {}
+        if digests and set(digests) == set(own["digests"]) and all(_same_stars(digests[s], own["digests"][s]) for s in digests):
+            return {s: np.full(n, s) for s, n in sizes.items()}, "the data and split the checkpoint was trained on"
+        name = (record or {}).get("star_id_name")
+        if name and name == self.star_id_name and (record or {}).get("stars"):
+            known = {split: np.asarray(stars.numpy() if hasattr(stars, "numpy") else stars, dtype=np.int64)
+                     for split, stars in record["stars"].items()}
+            out = {}
+            for split, ids in self._split_ids.items():
+                column = np.full(sizes[split], "none", dtype="<U5")
+                hashes = id_hashes(ids["star_id"])
+                for side, stars in known.items():
+                    column[np.isin(hashes, stars)] = side
+                out[split] = column
+            return out, f"other data of the same survey: matched star by star ({name})"
+        trained, this = SURVEYS.get(str(trained_survey)), survey_of_class(type(self))
+        if trained is not None and this is not None and trained.generated != this.generated:
+            return ({s: np.full(n, "none", dtype="<U5") for s, n in sizes.items()},
+                    f"the checkpoint was trained on {trained.name} spectra, this data is {this.name}: no star in common")
+        why = "no record of its split in the checkpoint" if not digests else "other stars, labels or split than the training data"
+        return None, f"{why}, and star ids that name no star outside their data"
+
     def split_arrays(self, split: str) -> dict[str, torch.Tensor | SplitRows]:
         """flux, weight, labels (standardised), labels_phys and extras of one split, in split order.
 
@@ -224,12 +328,16 @@ class SpectraDataModule(pl.LightningDataModule):
     def preprocessing_config(self) -> dict:
         """What must be done to a new spectrum before a model trained on this data sees it.
 
-        Saved in every checkpoint (via `state_dict`) so `predict.py` repeats it; surveys extend it.
+        Saved in every checkpoint (via `state_dict`) so `predict.py` repeats it; surveys extend it. `survey_name`
+        names the survey (`stellarlab.data.surveys`): predict.py writes the catalogue in its terms.
         """
-        return {"datamodule": type(self).__name__}
+        return {"datamodule": type(self).__name__, "survey_name": getattr(type(self), "survey_name", None)}
 
     def state_dict(self) -> dict:
-        return {"preprocessing": self.preprocessing_config(), "label_names": list(self.label_names)}
+        state = {"preprocessing": self.preprocessing_config(), "label_names": list(self.label_names)}
+        if self._split_ids:
+            state["split"] = self.split_record()
+        return state
 
     # -- loaders --------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import (
-    FIRST_COMPLETED,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    wait,
-)
 from pathlib import Path
 from typing import ClassVar
 
@@ -44,6 +37,7 @@ from stellarlab.data.apogee.catalog import (
 from stellarlab.data.apogee.files import PixelConfig, load_chunk
 from stellarlab.data.base import SpectraArrays, SpectraDataModule
 from stellarlab.data.cache import ArrayCache
+from stellarlab.data.flux import parallel_results, usable_cores
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.grids import apogee_wavelength
 
@@ -65,18 +59,12 @@ def _plain(value):
     return value
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, e.g. under Slurm or taskset), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 class APOGEEDataModule(SpectraDataModule):
     """APOGEE DR17: allStar labels plus one aspcapStar/apStar spectrum per star, cached as float32 arrays."""
 
     #: Its entry in `stellarlab.data.surveys` (download recipe, predict.py readers); subclasses inherit it.
     survey_name: ClassVar[str] = "apogee"
+    star_id_name: ClassVar[str] = "APOGEE_ID"  # a star is the same star in any selection of the survey
 
     def __init__(
         self,
@@ -135,7 +123,7 @@ class APOGEEDataModule(SpectraDataModule):
             clip_high=float(continuum["clip_high"]),
         )
         self.strict = bool(strict)
-        self.workers = int(workers) if workers is not None else _usable_cores()
+        self.workers = int(workers) if workers is not None else usable_cores()
         self.parallel = parallel
         self.chunk_size = int(chunk_size)
         self.progress = bool(progress)
@@ -205,7 +193,16 @@ class APOGEEDataModule(SpectraDataModule):
             star_id=a["apogee_id"],
             wavelength=a["wavelength"],
             extra={"snr": a["snr"]},
+            ids=self._ids(np.asarray(a["apogee_id"]), np.asarray(a["file"])),
         )
+
+    @staticmethod
+    def _ids(apogee_id: np.ndarray, relpaths: np.ndarray) -> dict[str, np.ndarray]:
+        """allStar's identity columns of each row, from its file's place in the SAS layout (TELESCOPE/FIELD/FILE)."""
+        parts = np.char.partition(relpaths.astype(str), "/")
+        telescope, rest = parts[:, 0], parts[:, 2]
+        parts = np.char.partition(rest, "/")
+        return {"APOGEE_ID": apogee_id.astype(str), "TELESCOPE": telescope, "FIELD": parts[:, 0], "FILE": parts[:, 2]}
 
     # -- building it ----------------------------------------------------------------------------
     def _select(self):
@@ -317,24 +314,8 @@ class APOGEEDataModule(SpectraDataModule):
         start = time.perf_counter()
         with tqdm(total=len(paths), desc=f"reading {self.source} files", unit="file", disable=not self.progress,
                   mininterval=0.5, dynamic_ncols=True) as bar:
-            if self.workers == 1:
-                for task in tasks:
-                    bar.update(store(load_chunk(task)))
-            else:
-                pool_cls = ProcessPoolExecutor if self.parallel == "process" else ThreadPoolExecutor
-                pool = pool_cls(max_workers=self.workers)
-                try:
-                    pending: set = set()
-                    for task in tasks:
-                        pending.add(pool.submit(load_chunk, task))
-                        if len(pending) >= 2 * self.workers:  # bounded: memory does not grow with the number of files
-                            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                            for future in done:
-                                bar.update(store(future.result()))
-                    for future in pending:
-                        bar.update(store(future.result()))
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            for result in parallel_results(load_chunk, tasks, self.workers, self.parallel):
+                bar.update(store(result))
         if bad:
             bad.sort()
             if self.strict:

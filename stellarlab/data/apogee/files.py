@@ -5,20 +5,22 @@ hold the combined spectrum in row 0 of 2-D (rows, 8575) arrays (1-D in old singl
 big-endian float64 with NaN edges, huge errors at bad pixels and an APOGEE_PIXMASK in HDU3; they are
 normalised here per detector chip by an error-weighted Chebyshev fit that ignores masked pixels and
 clips absorption lines. Every error names the file. numpy and astropy only: these run in worker processes.
-`read_input` is predict.py's reader of the same files (registered in `stellarlab.data.surveys`).
+`open_input` is predict.py's reader of the same files (registered in `stellarlab.data.surveys`): it also
+reads what names the star (APOGEE_ID, TELESCOPE, FIELD) and the SNR the header states.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from numpy.polynomial import chebyshev
 
+from stellarlab.data.surveys import InputRows
 from stellarlab.errors import DataError
 from stellarlab.grids import (
     APOGEE_CHIP_RANGES,
@@ -119,15 +121,29 @@ def _spectrum_file(path, n_hdus: int, layout: str) -> Iterator[fits.HDUList]:
         raise _open_error(path, err) from err
 
 
-def read_aspcapstar(path) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised flux (HDU1) and its error (HDU2) as native float32 (8575,)."""
+#: Primary-header keywords predict.py's catalogue takes from a file (where present).
+HEADER_KEYS = ("OBJID", "FIELD", "TELESCOP", "SNR")
+
+
+def _header_values(hdul, header: dict | None) -> None:
+    """Copy HEADER_KEYS of the primary header into `header` (when a dict is given)."""
+    if header is not None:
+        primary = hdul[0].header
+        header.update({key: primary[key] for key in HEADER_KEYS if key in primary})
+
+
+def read_aspcapstar(path, header: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised flux (HDU1) and its error (HDU2) as native float32 (8575,); `header` gets HEADER_KEYS."""
     with _spectrum_file(path, 3, "an aspcapStar file has flux in HDU1 and error in HDU2") as hdul:
+        _header_values(hdul, header)
         return _native_float32(hdul[1].data, path, 1, None), _native_float32(hdul[2].data, path, 2, None)
 
 
-def read_apstar(path, row: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row `row` (0: the pixel-weighted combination) of flux, error (native float32) and APOGEE_PIXMASK (int64)."""
+def read_apstar(path, row: int = 0, header: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row `row` (0: the pixel-weighted combination) of flux, error (native float32) and APOGEE_PIXMASK (int64);
+    `header` gets HEADER_KEYS."""
     with _spectrum_file(path, 4, "an apStar file has flux, error and bitmask in HDU1-3") as hdul:
+        _header_values(hdul, header)
         flux = _native_float32(hdul[1].data, path, 1, row)
         err = _native_float32(hdul[2].data, path, 2, row)
         mask = _native_float32(hdul[3].data, path, 3, row, keep_integers=True)
@@ -209,13 +225,13 @@ def spectrum_arrays(
     return flux_out, weight
 
 
-def load_spectrum(path, cfg: PixelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Read one file of `cfg.source` and return its (flux, weight) on the output grid."""
+def load_spectrum(path, cfg: PixelConfig, header: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one file of `cfg.source` and return its (flux, weight) on the output grid; `header` gets HEADER_KEYS."""
     if cfg.source == "aspcapStar":
-        flux, err = read_aspcapstar(path)
+        flux, err = read_aspcapstar(path, header)
         mask = None
     elif cfg.source == "apStar":
-        flux, err, mask = read_apstar(path)
+        flux, err, mask = read_apstar(path, header=header)
     else:
         raise DataError(f"unknown spectrum source {cfg.source!r}; valid: aspcapStar, apStar")
     return spectrum_arrays(flux, err, mask, cfg)
@@ -239,11 +255,53 @@ def load_chunk(task: tuple[int, Sequence[str], PixelConfig]) -> tuple[int, np.nd
     return start, flux, weight, bad
 
 
-def read_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength=None):
-    """predict.py's reader of one aspcapStar/apStar file (`fmt`), preprocessed as the checkpoint's training data
-    (`preprocessing`, saved by APOGEEDataModule) was: (flux (1, P), weight (1, P), [APOGEE_ID]).
+TELESCOPES = ("apo25m", "lco25m", "apo1m")
+FILE_PREFIXES = ("aspcapStar-dr17-", "apStar-dr17-", "asStar-dr17-", "aspcapStar-", "apStar-", "asStar-")
 
-    The files are on the DR17 grid, so `input_wavelength` (for resampling other grids) does not apply."""
+
+def file_ids(path, header: dict) -> dict[str, str]:
+    """APOGEE_ID, TELESCOPE and FIELD of a spectrum file ('' where unknown).
+
+    APOGEE_ID: the file name (`aspcapStar-dr17-<APOGEE_ID>.fits`), else the header's OBJID. TELESCOPE and FIELD:
+    the SAS layout `<TELESCOPE>/<FIELD>/<file>`, else the header's FIELD (apStar) and TELESCOP, else asStar
+    files are LCO's (apStar files are APO's 2.5 m or 1 m telescope: not told by the name)."""
+    path = Path(path)
+    stem = path.stem
+    prefix = next((p for p in FILE_PREFIXES if stem.startswith(p)), None)
+    apogee_id = stem[len(prefix):] if prefix else str(header.get("OBJID") or "").strip() or stem
+    parts = path.parts
+    in_layout = len(parts) >= 3 and parts[-3] in TELESCOPES
+    telescope = parts[-3] if in_layout else str(header.get("TELESCOP") or "").strip()
+    if not telescope and path.name.startswith("asStar"):
+        telescope = "lco25m"
+    field_name = str(header.get("FIELD") or "").strip() or (parts[-2] if in_layout else "")
+    return {"APOGEE_ID": apogee_id, "TELESCOPE": telescope, "FIELD": field_name}
+
+
+@dataclass(frozen=True)
+class ApogeeInput:
+    """One aspcapStar/apStar file for predict.py: one spectrum, read in a worker process (FITS reading and the
+    continuum fit are slow per file, so several files are read at once)."""
+
+    path: str
+    config: PixelConfig
+    n_rows: int = field(default=1, init=False)
+    parallel: str = field(default="process", init=False)
+
+    def read(self, start: int = 0, stop: int = 1) -> InputRows:
+        header: dict = {}
+        flux, weight = load_spectrum(self.path, self.config, header)
+        try:
+            snr = float(header.get("SNR", np.nan))
+        except (TypeError, ValueError):
+            snr = np.nan
+        ids = {key: [value] for key, value in file_ids(self.path, header).items()}
+        return InputRows(flux=flux[None, :], weight=weight[None, :], ids=ids, snr=np.array([snr], dtype=np.float32))
+
+
+def pixel_config_of(fmt: str, preprocessing: dict) -> PixelConfig:
+    """The pixel settings a checkpoint's training data were read with (`preprocessing`, saved by APOGEEDataModule),
+    for files of `fmt`; apStar files get the default APOGEE_PIXMASK bits when training named none."""
     settings = dict(preprocessing.get("pixels") or {})
     settings["source"] = fmt
     settings.setdefault("gap_deleted", bool(preprocessing.get("gap_deleted", False)))
@@ -251,22 +309,29 @@ def read_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray
         from stellarlab.data.apogee.catalog import DEFAULT_PIXMASK_BITS
 
         settings["pixmask"] = sum(1 << b for b in DEFAULT_PIXMASK_BITS)
-    cfg = PixelConfig(**{k: v for k, v in settings.items() if k in PixelConfig.__dataclass_fields__})
+    return PixelConfig(**{k: v for k, v in settings.items() if k in PixelConfig.__dataclass_fields__})
+
+
+def open_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength=None) -> ApogeeInput:
+    """predict.py's reader of one aspcapStar/apStar file (`fmt`), preprocessed as the checkpoint's training data
+    (`preprocessing`) was. The files are on the DR17 grid, so `input_wavelength` (for resampling other grids)
+    does not apply; nothing is read until `read`."""
+    cfg = pixel_config_of(fmt, preprocessing)
     if cfg.n_pixels != len(wavelength):
         raise DataError(
             f"{path}: APOGEE spectra give {cfg.n_pixels} pixels (gap_deleted={cfg.gap_deleted}) but the checkpoint's "
             f"grid has {len(wavelength)}; this model was not trained on the APOGEE grid"
         )
-    flux, weight = load_spectrum(path, cfg)
-    stem = Path(path).stem
-    for prefix in ("aspcapStar-dr17-", "apStar-dr17-", "asStar-dr17-", "aspcapStar-", "apStar-", "asStar-"):
-        if stem.startswith(prefix):
-            stem = stem[len(prefix):]
-            break
-    return flux[None, :], weight[None, :], [stem]
+    return ApogeeInput(str(path), cfg)
+
+
+def read_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength=None):
+    """One file at once: (flux (1, P), weight (1, P), [APOGEE_ID]) (what `open_input(...).read()` holds)."""
+    rows = open_input(path, fmt, preprocessing, wavelength, input_wavelength).read()
+    return rows.flux, rows.weight, rows.ids["APOGEE_ID"]
 
 
 __all__ = [
-    "PixelConfig", "continuum", "load_chunk", "load_spectrum", "read_apstar", "read_aspcapstar", "read_input",
-    "spectrum_arrays", "usable_pixels",
+    "ApogeeInput", "PixelConfig", "continuum", "file_ids", "load_chunk", "load_spectrum", "open_input", "pixel_config_of",
+    "read_apstar", "read_aspcapstar", "read_input", "spectrum_arrays", "usable_pixels",
 ]

@@ -84,8 +84,10 @@ class GALAHDataModuleBase(SpectraDataModule):
                 "Set data.labels to some of them."
             )
 
-    def _finish(self, flux, weight, labels, star_id, wavelength, snr, what: str) -> SpectraArrays:
-        """Drop rows with no requested label or no usable pixel (logged), and hand the arrays over."""
+    def _finish(self, flux, weight, labels, star_id, wavelength, snr, what: str, ids: dict | None = None) -> SpectraArrays:
+        """Drop rows with no requested label or no usable pixel (logged), and hand the arrays over with `ids`
+        (per-row identifier columns under GALAH's names, e.g. sobject_id)."""
+        ids = {k: np.asarray(v) for k, v in (ids or {}).items()}
         has_label = np.isfinite(labels).any(axis=1)
         has_pixel = np.zeros(len(flux), dtype=bool)
         for start in range(0, len(flux), CHUNK_ROWS):
@@ -111,6 +113,7 @@ class GALAHDataModuleBase(SpectraDataModule):
             )
         if not keep.all():
             flux, weight, labels, star_id, snr = flux[keep], weight[keep], labels[keep], star_id[keep], snr[keep]
+            ids = {k: v[keep] for k, v in ids.items()}
         return SpectraArrays(
             flux=flux,
             weight=weight,
@@ -119,6 +122,7 @@ class GALAHDataModuleBase(SpectraDataModule):
             star_id=star_id,
             wavelength=wavelength,
             extra={"snr": np.asarray(snr, dtype=np.float32)},
+            ids=ids,
         )
 
 

@@ -346,6 +346,9 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
             snr = (cat.numeric(self.snr_column, "data.snr_column")[rows] if cat.has(self.snr_column)
                    else np.full(len(rows), np.nan))
             star_id = self._star_ids(cat, rows)
+            ids = {self.id_column: cat.column(self.id_column, "data.id_column")[rows]}
+            if self.star_id_column is not None:
+                ids[self.star_id_column] = cat.column(self.star_id_column, "data.star_id_column")[rows]
         finally:
             cat.close()
 
@@ -355,7 +358,7 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
             block = arrays["flux"][index[start : start + CHUNK_ROWS]]
             flux[start : start + len(block)] = transform_flux(block, self.flux_transform, self.flux_floor)
         weight = np.asarray(arrays["weight"])[index] if len(index) < len(ok) else arrays["weight"]
-        return self._finish(flux, weight, labels, star_id, np.asarray(arrays["wavelength"]), snr, "GALAH")
+        return self._finish(flux, weight, labels, star_id, np.asarray(arrays["wavelength"]), snr, "GALAH", ids=ids)
 
     def _star_ids(self, cat: Catalogue, rows: np.ndarray) -> np.ndarray:
         """Integer star ids from `star_id_column`; a row without one (empty, <= 0) is its own star."""

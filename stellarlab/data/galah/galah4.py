@@ -48,6 +48,7 @@ class GALAH4DataModule(GALAHDataModuleBase):
     """
 
     survey_name: ClassVar[str] = "galah4"
+    star_id_name: ClassVar[str] = "galah4_row"  # the row of the galah4 files: the same spectrum in any selection
     download_command = GALAH4_DOWNLOAD
 
     def __init__(self, root: str, snr_min: float | None = None, **kwargs):
@@ -115,7 +116,8 @@ class GALAH4DataModule(GALAHDataModuleBase):
             len(rows), spectra.shape[1], self.root, self.flux_transform,
         )
         # galah4 ships no wavelengths: the nominal HERMES grid (4 x 4096, air), the one data=synthetic_galah uses
-        return self._finish(flux, weight, labels, rows.astype(np.int64), galah_wavelength(), snr[rows], "galah4")
+        return self._finish(flux, weight, labels, rows.astype(np.int64), galah_wavelength(), snr[rows], "galah4",
+                            ids={"galah4_row": rows.astype(np.int64)})
 
     def _warn_if_not_normalised(self, spectra: np.ndarray) -> None:
         """Bad pixels become flux 1 (the continuum): say so when the flux does not look normalised."""
