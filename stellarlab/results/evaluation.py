@@ -11,6 +11,7 @@ precision, with the metrics it computed) and `test_model` reads them back.
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -41,18 +42,43 @@ def bootstrap_test_metrics(metrics: dict, results: dict, label_names, bootstrap)
     return settings, caption
 
 
-def write_test_predictions(path: Path, results: dict, label_names: list[str]) -> Path:
-    """One row per test spectrum: `<label>_true`, `<label>_pred` (and `<label>_sigma` when predicted)."""
+def write_test_predictions(path: Path, results: dict, label_names: list[str], ids: dict | None = None,
+                           snr=None) -> Path:
+    """One row per test spectrum: what names it (`ids`: the star id and the survey's own ids, e.g. APOGEE_ID,
+    FIELD), its `snr` (when the data knows it), `<label>_true`, `<label>_pred` (and `<label>_sigma` when predicted)."""
     columns, names = [], []
+    for name, values in (ids or {}).items():
+        columns.append([str(v) for v in np.asarray(values).tolist()])
+        names.append(str(name))
+    if snr is not None:
+        columns.append([f"{v:.6g}" for v in np.asarray(snr, dtype=np.float64).tolist()])
+        names.append("snr")
     for j, label in enumerate(label_names):
-        columns += [results["true"][:, j], results["pred"][:, j]]
-        names += [f"{label}_true", f"{label}_pred"]
+        parts = [("true", results["true"]), ("pred", results["pred"])]
         if results.get("sigma") is not None:
-            columns.append(results["sigma"][:, j])
-            names.append(f"{label}_sigma")
+            parts.append(("sigma", results["sigma"]))
+        for suffix, values in parts:
+            columns.append([f"{v:.9g}" for v in np.asarray(values[:, j], dtype=np.float64).tolist()])
+            names.append(f"{label}_{suffix}")
     with atomic_path(path) as tmp:
-        np.savetxt(tmp, np.column_stack(columns), delimiter=",", header=",".join(names), comments="", fmt="%.9g")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(names)
+            writer.writerows(zip(*columns))
     return path
+
+
+def test_row_ids(datamodule, n_rows: int) -> tuple[dict | None, np.ndarray | None]:
+    """(ids, snr) of the test split's rows, when the DataModule knows them and they match the results' rows."""
+    try:
+        ids = datamodule.split_ids("test")
+    except (AttributeError, KeyError, ValueError):
+        return None, None
+    snr = datamodule.split_arrays("test").get("snr")
+    snr = None if snr is None else np.asarray(snr.numpy() if hasattr(snr, "numpy") else snr)
+    if any(len(v) != n_rows for v in ids.values()) or (snr is not None and len(snr) != n_rows):
+        return None, None
+    return ids, snr
 
 
 def test_model(trainer, model, datamodule, cfg, ckpt_path: str | None = None) -> TestResults:
@@ -100,6 +126,7 @@ def report_results(results: dict, datamodule, cfg, title: str = "test metrics", 
     if rank_zero:
         n_test = len(datamodule.split_index["test"])
         print_metrics(tested.test, title=f"{title} ({n_test} spectra)", caption=caption)
-        out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, label_names)
+        ids, snr = test_row_ids(datamodule, len(results["pred"]))
+        out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, label_names, ids, snr)
         tested.test_predictions = str(out)
     return tested

@@ -1,35 +1,46 @@
-"""Apply a trained checkpoint to new spectra: read them as training did, predict, write a catalogue.
+"""Apply a trained checkpoint to new spectra: read them as training did, predict a chunk at a time, gather a catalogue.
 
 A checkpoint carries everything needed: the model class and weights (with their SHA-256, checked on
-reading), the label names, their normalisation and training range, the wavelength grid, and the
-preprocessing of the data it was trained on (saved by the DataModule's `state_dict`). `predict.py` is
-the command-line front end. A prediction outside the training labels' range (widened by a tolerance)
-is flagged in the catalogue (`<label>_outside`): a model extrapolates there, or was fed garbage.
+reading), the label names, their normalisation and training range, the wavelength grid, the
+preprocessing of the data it was trained on and a record of its split (saved by the DataModule's
+`state_dict`). `predict.py` is the command-line front end.
+
+Spectra stream: inputs are read a block at a time (FITS files in worker processes, `.npy` rows by
+positional reads in threads, a DataModule's splits through `split_arrays`), each block goes through
+`predict_chunk` (the one per-chunk step: every catalogue column computed from a block of spectra), and
+only its columns are kept, so memory does not grow with the number of spectra. A file that cannot be
+read is skipped and listed. A prediction outside the training labels' range (widened by a tolerance)
+is flagged (`<label>_outside`): a model extrapolates there, or was fed garbage.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
 
 from stellarlab.data import surveys
+from stellarlab.data.flux import Block, parallel_results, read_block
 from stellarlab.errors import ConfigError, DataError
-from stellarlab.files import atomic_path
+from stellarlab.results.catalog import CatalogColumns
 
 log = logging.getLogger(__name__)
 
 #: predict.py's `format=` values: auto, then each reader `stellarlab.data.surveys` knows (aspcapStar, apStar, npy).
 FORMATS = ("auto", *surveys.format_names())
+READER_THREADS = 2  # .npy rows are read beside the model by this many threads
+READ_ROWS = 256  # rows of a .npy or a DataModule per block: a few blocks in flight stay ~100 MB whatever the input
 
 
 @dataclass
 class Spectra:
-    """New spectra on the model's grid: one row each, with an id and the file it came from."""
+    """New spectra on the model's grid held in memory: one row each, with an id and the file it came from."""
 
     ids: list[str]
     files: list[str]
@@ -75,35 +86,52 @@ def model_class_of(checkpoint: dict, ckpt_path: str | os.PathLike):
     return hydra.utils.get_class(target)
 
 
-def preprocessing_of(checkpoint: dict) -> dict:
-    """The DataModule's preprocessing settings saved with the checkpoint ({} if the data did not save any)."""
+def _datamodule_state(checkpoint: dict) -> dict:
     for value in checkpoint.values():
         if isinstance(value, dict) and isinstance(value.get("preprocessing"), dict):
-            return dict(value["preprocessing"])
+            return value
     return {}
 
 
-def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
-    """(model in eval mode, preprocessing dict) from a checkpoint written by train.py."""
+def preprocessing_of(checkpoint: dict) -> dict:
+    """The DataModule's preprocessing settings saved with the checkpoint ({} if the data did not save any)."""
+    return dict(_datamodule_state(checkpoint).get("preprocessing") or {})
+
+
+def split_record_of(checkpoint: dict) -> dict | None:
+    """The training split's record (`SpectraDataModule.split_record`) saved with the checkpoint; None if older."""
+    return _datamodule_state(checkpoint).get("split")
+
+
+def load_checkpoint(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
+    """(model in eval mode, the raw checkpoint dict) from a checkpoint written by train.py."""
     checkpoint = read_checkpoint(ckpt_path)
     cls = model_class_of(checkpoint, ckpt_path)
     model = cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, weights_only=True)
     model.eval()
+    return model, checkpoint
+
+
+def load_model(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
+    """(model in eval mode, preprocessing dict) from a checkpoint written by train.py."""
+    model, checkpoint = load_checkpoint(ckpt_path, map_location)
     return model, preprocessing_of(checkpoint)
 
 
-# -- reading new spectra ---------------------------------------------------------------------------
+# -- finding and opening inputs ----------------------------------------------------------------------
 def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
     """Files named directly, or every file of the format in a folder (sorted, so output order is stable)."""
     _check_format(fmt)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
     formats = surveys.input_formats() if fmt == "auto" else [surveys.input_format(fmt)]
     patterns = list(dict.fromkeys(g for f in formats for g in f.globs))
+    companions = [g for f in surveys.input_formats() for g in f.skip]  # `<name>_ivar.npy`, `<name>_wavelength.npy`
     files: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted({p for pattern in patterns for p in path.glob(pattern) if not p.name.endswith("_wavelength.npy")})
+            found = sorted({p for pattern in patterns for p in path.glob(pattern)
+                            if not any(fnmatchcase(p.name, c) for c in companions)})
             if not found:
                 raise DataError(f"input folder {path} holds no spectra (looked for {', '.join(patterns)})")
             files.extend(found)
@@ -138,42 +166,95 @@ def file_format(path: Path, fmt: str) -> str:
     return found.name
 
 
-def read_spectra(
-    files: Iterable[Path],
-    fmt: str,
-    preprocessing: dict,
-    wavelength: np.ndarray,
-    input_wavelength: str | None = None,
-) -> Spectra:
-    """Every file's spectra, preprocessed as the checkpoint's training data was, on its wavelength grid.
+def open_input(path: Path, fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength: str | None = None):
+    """The input of one file through its format's registered reader (`stellarlab.data.surveys.InputFormat`)."""
+    kind = file_format(path, fmt)
+    return surveys.load(surveys.input_format(kind).reader)(path, kind, preprocessing, wavelength, input_wavelength)
 
-    Each format's reader is the one its survey registers (`stellarlab.data.surveys`)."""
+
+def read_spectra(files: Iterable[Path], fmt: str, preprocessing: dict, wavelength: np.ndarray,
+                 input_wavelength: str | None = None) -> Spectra:
+    """Every file's spectra in memory, preprocessed as the checkpoint's training data was, on its grid; the first
+    file that cannot be read raises. predict.py streams instead (`stream_predictions`); this is for small inputs."""
     _check_format(fmt)
     fluxes, weights, ids, sources = [], [], [], []
     for path in files:
-        kind = file_format(path, fmt)
-        reader = surveys.load(surveys.input_format(kind).reader)
-        flux, weight, names = reader(path, kind, preprocessing, wavelength, input_wavelength)
-        fluxes.append(flux)
-        weights.append(weight)
-        ids.extend(names)
+        rows = open_input(path, fmt, preprocessing, wavelength, input_wavelength).read()
+        fluxes.append(rows.flux)
+        weights.append(rows.weight)
+        names = next(iter(rows.ids.values()))
+        ids.extend(str(n) for n in names)
         sources.extend([str(path)] * len(names))
-    flux = np.concatenate(fluxes).astype(np.float32)
-    weight = np.concatenate(weights).astype(np.float32)
-    bad = ~np.isfinite(flux) | ~(weight > 0)
-    flux[bad] = 1.0
-    weight[bad] = 0.0
-    empty = bad.all(axis=1)
-    if empty.all():
-        names = list(dict.fromkeys(sources))
-        raise DataError(
-            f"no input spectrum has a single usable pixel (all NaN or masked) in {', '.join(names[:3])}"
-            f"{' ...' if len(names) > 3 else ''}; check that the files hold finite flux (and errors > 0)"
-        )
+    flux, weight = clean(np.concatenate(fluxes), np.concatenate(weights))
+    if not (weight > 0).any():
+        raise no_usable_pixel(sources)
     return Spectra(ids=ids, files=sources, flux=flux, weight=weight)
 
 
-# -- predicting and writing ------------------------------------------------------------------------
+def clean(flux: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 copies-if-needed with the bad-pixel rule applied: non-finite or zero-weight pixels get flux 1, weight 0."""
+    flux, weight = np.asarray(flux, dtype=np.float32), np.asarray(weight, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        bad = ~((weight > 0) & np.isfinite(flux) & (weight < np.inf))
+    if bad.any():
+        flux, weight = np.where(bad, np.float32(1.0), flux), np.where(bad, np.float32(0.0), weight)
+    return flux, weight
+
+
+def no_usable_pixel(sources: Sequence[str]) -> DataError:
+    names = list(dict.fromkeys(str(s) for s in sources))
+    return DataError(
+        f"no input spectrum has a single usable pixel (all NaN or masked) in {', '.join(names[:3])}"
+        f"{' ...' if len(names) > 3 else ''}; check that the files hold finite flux (and errors > 0)"
+    )
+
+
+# -- one chunk ---------------------------------------------------------------------------------------
+SNR_PIXELS = 1024  # pixels of each spectrum the SNR median is taken over (a regular subsample)
+
+
+def snr_estimate(flux: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """(N,) median of |flux| * sqrt(ivar) over each spectrum's usable pixels; NaN for one without any.
+
+    Taken over a regular subsample of about SNR_PIXELS pixels (a median of a thousand values is as good a noise
+    level as one of eight thousand, at an eighth of the cost), where pixels without data are filled with -inf and
+    +inf alternately, so that a plain median per row (one torch call for the block, many times faster than a
+    NaN-aware one) lands on the usable pixels' median (within a rank: runs of bad pixels split evenly)."""
+    import torch
+
+    step = max(1, flux.shape[1] // SNR_PIXELS)
+    flux, weight = flux[:, ::step], weight[:, ::step]
+    usable = weight > 0
+    fill = np.where(np.arange(flux.shape[1]) % 2 == 0, -np.inf, np.inf).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        ratio = np.where(usable, np.abs(flux) * np.sqrt(np.maximum(weight, np.float32(0.0))), fill)
+    out = torch.median(torch.from_numpy(np.ascontiguousarray(ratio, dtype=np.float32)), dim=1).values.numpy().copy()
+    out[~usable.any(axis=1)] = np.nan
+    return out
+
+
+def predict_chunk(model, flux: np.ndarray, weight: np.ndarray, batch_size: int = 1024,
+                  tolerance: float | None = None) -> dict[str, np.ndarray]:
+    """Every catalogue column of one chunk of spectra, under stellarlab's names, each an (N,) array.
+
+    `<label>` (physical units), `<label>_err` (the model's sigma; NaN for a model without one), with `tolerance`
+    `<label>_outside` (outside the training range widened by `tolerance` of its width, or not finite),
+    `snr` (median flux * sqrt(ivar) over usable pixels) and `usable_fraction`. The one per-chunk step of
+    predict.py: a new per-spectrum quantity is one more entry here."""
+    flux, weight = clean(flux, weight)
+    labels, sigma = predict(model, flux, batch_size, weight)
+    columns: dict[str, np.ndarray] = {}
+    outside = None if tolerance is None else outside_training_range(model, labels, tolerance, warn=False)
+    for j, name in enumerate(model.label_names):
+        columns[name] = labels[:, j].astype(np.float32)
+        columns[f"{name}_err"] = sigma[:, j].astype(np.float32)
+        if outside is not None:
+            columns[f"{name}_outside"] = outside[:, j]
+    columns["snr"] = snr_estimate(flux, weight)
+    columns["usable_fraction"] = (weight > 0).mean(axis=1, dtype=np.float32)
+    return columns
+
+
 def predict(model, flux: np.ndarray, batch_size: int = 1024, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, sigma) in physical units; sigma is NaN for models trained without `model.loss=gaussian_nll`.
 
@@ -192,14 +273,17 @@ def predict(model, flux: np.ndarray, batch_size: int = 1024, weight: np.ndarray 
                 mean, sigma = model.predict_physical(batch), None
             means.append(mean.float().cpu().numpy())
             sigmas.append(np.full_like(means[-1], np.nan) if sigma is None else sigma.float().cpu().numpy())
+    if not means:
+        n = len(model.label_names)
+        return np.empty((0, n), np.float32), np.empty((0, n), np.float32)
     return np.concatenate(means), np.concatenate(sigmas)
 
 
-def outside_training_range(model, labels: np.ndarray, tolerance: float) -> np.ndarray:
+def outside_training_range(model, labels: np.ndarray, tolerance: float, warn: bool = True) -> np.ndarray:
     """(N, L) True where a predicted label is not finite or lies outside the training labels' range widened by
     `tolerance` times its width on each side (a checkpoint without a saved range: label_mean -/+ 3 label_std)."""
     low, high, saved = model.training_range()
-    if not saved:
+    if not saved and warn:
         log.warning("the checkpoint predates saved training ranges: predictions are flagged outside label_mean -/+ "
                     "3 label_std instead")
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
@@ -220,8 +304,8 @@ def report_outside(label_names: Sequence[str], outside: np.ndarray, tolerance: f
 
 def catalog_table(spectra: Spectra, label_names: Sequence[str], labels: np.ndarray, sigma: np.ndarray,
                   outside: np.ndarray | None = None):
-    """One row per spectrum: id, file, each label, its uncertainty and whether it lies outside the training range
-    (`<label>_outside`, when `outside` is given), and the fraction of usable pixels."""
+    """Spectra held in memory as a table in stellarlab's own names: id, file, each label, its uncertainty, whether it
+    lies outside the training range (`<label>_outside`, when `outside` is given), and the fraction of usable pixels."""
     from astropy.table import Table
 
     table = Table()
@@ -236,20 +320,156 @@ def catalog_table(spectra: Spectra, label_names: Sequence[str], labels: np.ndarr
     return table
 
 
-def write_catalog(table, out_dir: str | os.PathLike, stem: str = "predictions") -> tuple[Path, Path]:
-    """FITS and CSV beside each other, each written to a temporary name and renamed."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the output folder {out} ({err}); choose another with output_dir=...") from err
-    paths = []
-    for suffix, fmt in ((".fits", "fits"), (".csv", "ascii.csv")):
-        final = out / f"{stem}{suffix}"
+# -- streaming ---------------------------------------------------------------------------------------
+@dataclass
+class Pass:
+    """What a streamed pass over the inputs gathered: the catalogue's columns, the files skipped, counts."""
+
+    columns: CatalogColumns = field(default_factory=CatalogColumns)
+    skipped: list[dict] = field(default_factory=list)  # {"file": ..., "error": ...}
+    n_files: int = 0
+    n_usable: int = 0  # rows with at least one usable pixel
+    sources: list[str] = field(default_factory=list)  # the first few files read
+    seconds: float = 0.0
+
+
+@dataclass
+class Task:
+    """A block of rows to read: (input, start, stop) parts, the file of each part (none for a DataModule's rows),
+    and extra columns per row."""
+
+    index: int
+    parts: list[tuple[object, int, int]]
+    files: list[str]
+    parallel: str
+    extra: dict = field(default_factory=dict)
+
+
+def file_tasks(files: Sequence[Path], fmt: str, preprocessing: dict, wavelength: np.ndarray, input_wavelength: str | None,
+               rows_per_task: int, files_per_task: int, skipped: list[dict]) -> list[Task]:
+    """Open every file (a file that cannot be opened goes to `skipped`) and cut them into tasks: up to
+    `files_per_task` one-spectrum files of a format per task, a file of many rows in blocks of `rows_per_task`."""
+    tasks: list[Task] = []
+    group: list = []
+
+    def flush():
+        if group:
+            tasks.append(Task(len(tasks), [(src, 0, src.n_rows) for _, src in group], [str(p) for p, _ in group], "process"))
+            group.clear()
+
+    for path in files:
         try:
-            with atomic_path(final) as tmp:
-                table.write(tmp, format=fmt, overwrite=True)
-        except OSError as err:
-            raise ConfigError(f"cannot write {final} ({err}); check the folder is writable or set output_dir=...") from err
-        paths.append(final)
-    return paths[0], paths[1]
+            source = open_input(path, fmt, preprocessing, wavelength, input_wavelength)
+        except DataError as err:
+            skipped.append({"file": str(path), "error": str(err)})
+            continue
+        if source.parallel == "process" and source.n_rows <= files_per_task:
+            if group and type(group[0][1]) is not type(source):
+                flush()
+            group.append((path, source))
+            if len(group) >= files_per_task:
+                flush()
+            continue
+        flush()
+        for start in range(0, source.n_rows, rows_per_task):
+            stop = min(start + rows_per_task, source.n_rows)
+            tasks.append(Task(len(tasks), [(source, start, stop)], [str(path)], source.parallel))
+    flush()
+    return tasks
+
+
+class _SplitRowsInput:
+    """Rows of one split of a set-up DataModule, for `read_block` (read in a thread of this process)."""
+
+    parallel = "thread"
+
+    def __init__(self, datamodule, split: str):
+        arrays = datamodule.split_arrays(split)
+        self.flux, self.weight = arrays["flux"], arrays["weight"]
+        self.ids = datamodule.split_ids(split)
+        self.snr = arrays.get("snr")
+        self.labels = arrays["labels_phys"]
+        self.label_names = list(datamodule.label_names)
+        self.n_rows = len(self.flux)
+
+    def read(self, start: int, stop: int) -> surveys.InputRows:
+        def rows(t):
+            block = t[start:stop]
+            return block.numpy() if hasattr(block, "numpy") else np.asarray(block)
+
+        snr = np.asarray(rows(self.snr), dtype=np.float32) if self.snr is not None else None
+        return surveys.InputRows(rows(self.flux), rows(self.weight), {k: v[start:stop] for k, v in self.ids.items()}, snr,
+                                 labels=rows(self.labels))
+
+
+def data_tasks(datamodule, rows_per_task: int, split_values: dict[str, np.ndarray] | None) -> list[Task]:
+    """Blocks of every split of a set-up DataModule (train, val, test), with the SPLIT of each row when known."""
+    tasks = []
+    for split in datamodule.split_index:
+        source = _SplitRowsInput(datamodule, split)
+        for start in range(0, source.n_rows, rows_per_task):
+            stop = min(start + rows_per_task, source.n_rows)
+            extra = {} if split_values is None else {"split": split_values[split][start:stop]}
+            tasks.append(Task(len(tasks), [(source, start, stop)], [], "thread", extra))
+    return tasks
+
+
+def stream_predictions(model, tasks: Sequence[Task], *, batch_size: int, tolerance: float, workers: int,
+                       progress: bool = True, result: Pass | None = None) -> Pass:
+    """Read every task's rows (FITS files in `workers` processes, rows in threads), predict each block as it
+    arrives (`predict_chunk`) and keep only its catalogue columns. Files that cannot be read are skipped and
+    recorded in the result (`skipped`); the caller decides whether that is an error."""
+    from tqdm.auto import tqdm
+
+    result = result or Pass()
+    start = time.perf_counter()
+    total = sum(stop - begin for t in tasks for _, begin, stop in t.parts)
+    by_index = {t.index: t for t in tasks}
+    result.n_files = len({f for t in tasks for f in t.files}) + len(result.skipped)
+    with tqdm(total=total, desc="predicting", unit="spectra", unit_scale=True, disable=None if progress else True,
+              mininterval=0.5, dynamic_ncols=True, smoothing=0.1) as bar:
+        for kind, workers_of_kind in (("process", workers), ("thread", READER_THREADS)):
+            work = [(t.index, t.parts) for t in tasks if t.parallel == kind]
+            for block in parallel_results(read_block, work, workers_of_kind, kind, in_flight=workers_of_kind + 1):
+                task = by_index[block.index]
+                bar.update(_predict_block(model, task, block, batch_size, tolerance, result))
+                if result.skipped:
+                    bar.set_postfix(skipped=len(result.skipped), refresh=False)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _predict_block(model, task: Task, block: Block, batch_size: int, tolerance: float, result: Pass) -> int:
+    """Predict one block that was read and add its columns; returns the number of rows it held (read or not)."""
+    for k, message in block.bad:
+        result.skipped.append({"file": task.files[k] if len(task.files) > k else task.files[0], "error": message})
+    n_bad = sum(task.parts[k][2] - task.parts[k][1] for k, _ in block.bad)
+    if not block.rows:
+        return n_bad
+    rows = [r for _, r in block.rows]
+    flux = rows[0].flux if len(rows) == 1 else np.concatenate([r.flux for r in rows])
+    weight = rows[0].weight if len(rows) == 1 else np.concatenate([r.weight for r in rows])
+    values = predict_chunk(model, flux, weight, batch_size, tolerance)
+    header_snr = np.concatenate([r.snr if r.snr is not None else np.full(len(r.flux), np.nan) for r in rows])
+    values["snr"] = np.where(np.isfinite(header_snr) & (header_snr > 0), header_snr, values["snr"]).astype(np.float32)
+    files = {"file": np.concatenate([[task.files[k]] * len(r.flux) for k, r in block.rows])} if task.files else {}
+    values = {**files, **task.extra, **values}
+    if rows[0].labels is not None:  # a DataModule's rows: its own labels beside the predictions
+        truth = np.concatenate([r.labels for r in rows])
+        for j, name in enumerate(getattr(task.parts[0][0], "label_names", [])):
+            values[f"{name}_true"] = truth[:, j].astype(np.float32)
+    id_names = list(dict.fromkeys(k for r in rows for k in r.ids))
+    ids = {name: np.concatenate([np.asarray(r.ids.get(name, [""] * len(r.flux))) for r in rows]) for name in id_names}
+    result.columns.add(task.index, ids, values)
+    result.n_usable += int((values["usable_fraction"] > 0).sum())
+    if len(result.sources) < 4:  # named by the error when no spectrum has a usable pixel
+        result.sources.extend(f for f in dict.fromkeys(task.files) if f not in result.sources)
+    return len(flux) + n_bad
+
+
+__all__ = [
+    "FORMATS", "Pass", "Spectra", "Task", "catalog_table", "clean", "data_tasks", "file_format", "file_tasks",
+    "find_inputs", "load_checkpoint", "load_model", "model_class_of", "no_usable_pixel", "open_input",
+    "outside_training_range", "predict", "predict_chunk", "preprocessing_of", "read_checkpoint", "read_spectra",
+    "report_outside", "snr_estimate", "split_record_of", "stream_predictions",
+]
