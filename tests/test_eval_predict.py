@@ -1,4 +1,6 @@
-"""eval.py re-tests a checkpoint to the same numbers; predict.py applies it to new spectra (npy, aspcapStar, apStar)."""
+"""eval.py re-tests a checkpoint to the same numbers; predict.py applies it to new spectra (npy, aspcapStar, apStar).
+
+The catalogue of a model of the synthetic APOGEE survey has allStar's names (ID, TEFF, TEFF_ERR, ...)."""
 
 from __future__ import annotations
 
@@ -64,13 +66,13 @@ def test_predict_on_npy_gives_the_test_step_predictions(trained, tmp_path):
     catalog = Table.read(next((tmp_path / "out").rglob("predictions.fits")))
     expected = np.genfromtxt(trained["run"] / "test_predictions.csv", delimiter=",", names=True)
     assert len(catalog) == len(expected)
-    assert catalog["id"][3] == "test_flux:3"
-    for label in ("teff", "logg", "fe_h"):
-        np.testing.assert_allclose(catalog[label], expected[f"{label}_pred"], rtol=1e-5)
-        assert np.isnan(np.ma.filled(catalog[f"{label}_err"], np.nan)).all()  # an MSE model predicts no uncertainty
-        assert not catalog[f"{label}_outside"].any()  # the test stars lie within the training range
+    assert catalog["ID"][3] == "test_flux:3"  # the synthetic APOGEE grid: allStar's names
+    for label in ("TEFF", "LOGG", "FE_H"):
+        np.testing.assert_allclose(catalog[label], expected[f"{label.lower()}_pred"], rtol=1e-5)
+        assert catalog[f"{label}_ERR"].mask.all()  # an MSE model predicts no uncertainty: masked, not NaN
+        assert not catalog[f"{label}_OUTSIDE"].any()  # the test stars lie within the training range
     csv = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
-    np.testing.assert_allclose(csv["teff"], catalog["teff"], rtol=1e-6)
+    np.testing.assert_allclose(csv["TEFF"], catalog["TEFF"], rtol=1e-6)
 
 
 def test_predict_flags_a_spectrum_of_nonsense_instead_of_returning_a_plain_row(trained, tmp_path):
@@ -80,10 +82,10 @@ def test_predict_flags_a_spectrum_of_nonsense_instead_of_returning_a_plain_row(t
     out = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'flux.npy'}", log_dir=tmp_path / "out")
     assert out.returncode == 0, out.stderr[-2000:]
     catalog = Table.read(next((tmp_path / "out").rglob("predictions.fits")))
-    for label in ("teff", "logg", "fe_h"):
-        assert list(catalog[f"{label}_outside"]) == [False, True, False], label
+    for label in ("TEFF", "LOGG", "FE_H"):
+        assert list(catalog[f"{label}_OUTSIDE"]) == [False, True, False], label
     csv = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
-    assert [str(v) for v in csv["teff_outside"]] == ["False", "True", "False"]
+    assert [str(v) for v in csv["TEFF_OUTSIDE"]] == ["False", "True", "False"]
     assert "1 of 3 spectra have a prediction outside the training labels' range widened by 0.2 of its width" in out.stdout + out.stderr
     log = next((tmp_path / "out").rglob("predict.log")).read_text()
     assert "1 of 3 spectra have a prediction outside" in log
@@ -117,10 +119,12 @@ def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained
     out = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={files}", log_dir=tmp_path / "out")
     assert out.returncode == 0, out.stderr[-2000:]
     catalog = Table.read(next((tmp_path / "out").rglob("predictions.csv")), format="ascii.csv")
-    assert list(catalog["id"]) == ["2M00000002+0000002", "2M00000001+0000001"]  # apStar-* sorts before aspcapStar-*
+    assert list(catalog["APOGEE_ID"]) == ["2M00000002+0000002", "2M00000001+0000001"]  # apStar-* sorts before aspcapStar-*
     expected = np.genfromtxt(trained["run"] / "test_predictions.csv", delimiter=",", names=True)
-    assert catalog["teff"][1] == pytest.approx(expected["teff_pred"][0], rel=1e-4)  # aspcapStar: flux as given
-    assert np.isfinite(catalog["teff"][0])  # apStar: continuum-normalised here first
+    assert catalog["TEFF"][1] == pytest.approx(expected["teff_pred"][0], rel=1e-4)  # aspcapStar: flux as given
+    assert np.isfinite(catalog["TEFF"][0])  # apStar: continuum-normalised here first
+    assert catalog["SNR"][0] == pytest.approx(100.0)  # the apStar header's SNR; aspcapStar: flux * sqrt(ivar)
+    assert catalog["SNR"][1] == pytest.approx(np.median(np.abs(flux[0]) / 0.01), rel=0.05)
 
     # npy spectra on another grid: refused without a wavelength array, resampled with one
     from stellarlab.grids import apogee_wavelength
@@ -138,7 +142,7 @@ def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained
     )
     assert resampled.returncode == 0, resampled.stderr[-2000:]
     row = Table.read(next((tmp_path / "o3").rglob("predictions.csv")), format="ascii.csv")
-    assert abs(row["teff"][0] - expected["teff_pred"][0]) < 150  # same star, half the pixels interpolated back
+    assert abs(row["TEFF"][0] - expected["teff_pred"][0]) < 150  # same star, half the pixels interpolated back
 
 
 def test_predict_errors_name_the_problem(trained, tmp_path):
@@ -154,17 +158,18 @@ def test_predict_errors_name_the_problem(trained, tmp_path):
     np.save(tmp_path / "nan.npy", np.full((2, 8575), np.nan, dtype=np.float32))
     nan = _script("predict.py", f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'nan.npy'}", log_dir=tmp_path / "o")
     assert nan.returncode == 2 and "no input spectrum has a single usable pixel" in nan.stderr
+    assert not list((tmp_path / "o").rglob("predictions.*"))  # a failed run leaves no catalogue
 
 
 def test_predict_finds_each_format_and_its_reader_through_the_survey_registry(tmp_path):
     from stellarlab.data import surveys
-    from stellarlab.data.apogee.files import read_input
-    from stellarlab.data.flux import read_npy
+    from stellarlab.data.apogee.files import open_input
+    from stellarlab.data.flux import open_npy
     from stellarlab.results.prediction import FORMATS, file_format, find_inputs
 
     assert FORMATS == ("auto", "aspcapStar", "apStar", "npy")
     names = ["aspcapStar-dr17-2M1.fits", "apStar-dr17-2M2.fits", "asStar-dr17-2M3.fits", "flux.npy",
-             "flux_wavelength.npy", "notes.txt"]
+             "flux_wavelength.npy", "flux_ivar.npy", "notes.txt"]
     for name in names:
         (tmp_path / name).touch()
     assert [p.name for p in find_inputs(str(tmp_path), "auto")] == sorted(names[:4])
@@ -173,4 +178,4 @@ def test_predict_finds_each_format_and_its_reader_through_the_survey_registry(tm
     assert kinds == ["aspcapStar", "apStar", "apStar", "npy"]
     assert file_format(tmp_path / "aspcapStar-x.npy", "auto") == "npy"  # the extension wins over the name
     readers = {kind: surveys.load(surveys.input_format(kind).reader) for kind in FORMATS[1:]}
-    assert readers == {"aspcapStar": read_input, "apStar": read_input, "npy": read_npy}
+    assert readers == {"aspcapStar": open_input, "apStar": open_input, "npy": open_npy}
