@@ -68,7 +68,7 @@ def write_test_predictions(path: Path, results: dict, label_names: list[str], id
     return path
 
 
-def test_row_ids(datamodule, n_rows: int) -> tuple[dict | None, np.ndarray | None]:
+def ids_of_test_rows(datamodule, n_rows: int) -> tuple[dict | None, np.ndarray | None]:
     """(ids, snr) of the test split's rows, when the DataModule knows them and they match the results' rows."""
     try:
         ids = datamodule.split_ids("test")
@@ -126,7 +126,7 @@ def report_results(results: dict, datamodule, cfg, title: str = "test metrics", 
     if rank_zero:
         n_test = len(datamodule.split_index["test"])
         print_metrics(tested.test, title=f"{title} ({n_test} spectra)", caption=caption)
-        ids, snr = test_row_ids(datamodule, len(results["pred"]))
+        ids, snr = ids_of_test_rows(datamodule, len(results["pred"]))
         out = write_test_predictions(Path(cfg.paths.output_dir) / "test_predictions.csv", results, label_names, ids, snr)
         tested.test_predictions = str(out)
     return tested
