@@ -1,7 +1,7 @@
 """predict.py at survey scale: peak RSS and spectra/s of the whole command on a large `.npy`.
 
-    python benchmarks/predict_scale.py            # 100,000 x 8,575 float32 flux + inverse variance (2 x 3.4 GB)
-    python benchmarks/predict_scale.py --small    # 5,000 spectra, the same code path (CI, under a minute)
+    python -m benchmarks.predict_scale            # 100,000 x 8,575 float32 flux + inverse variance (2 x 3.4 GB)
+    python -m benchmarks.predict_scale --small    # 5,000 spectra, the same code path (CI, under a minute)
 
 The spectra are written a block at a time into a temporary folder (`flux.npy` and its inverse variance
 `flux_ivar.npy`, what predict.py reads as per-pixel weights; full mode also times flux alone), a default
