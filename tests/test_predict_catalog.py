@@ -131,14 +131,16 @@ def test_other_label_columns_keep_their_label_prefix_and_units():
 def test_a_failed_write_leaves_no_catalogue_under_its_name(tmp_path, monkeypatch):
     table = catalog.build_table(*columns(3), LABELS, CATALOG_NAMES["apogee"])
 
-    def half_then_fail(table, path, ecsv):
-        Path(path).write_text("ID,FILE\n")
+    def half_then_fail(table, paths):
+        for path in paths.values():
+            Path(path).write_text("ID,FILE\n")
         raise OSError("disk full")
 
     monkeypatch.setattr(catalog, "write_text", half_then_fail)
-    with pytest.raises(ConfigError, match=r"cannot write .*predictions\.csv \(disk full\)"):
-        catalog.write_catalog(table, tmp_path, formats=(".csv",))
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match=r"cannot write the catalogue predictions\.fits, predictions\.csv, "
+                                          r"predictions\.ecsv in .* \(disk full\)"):
+        catalog.write_catalog(table, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # not the FITS file written before either
 
 
 # -- ids of each input kind ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Settings share train.py's names: `trainer.accelerator=`, `data.eval_batch_size=`
 from __future__ import annotations
 
 import logging
+import time
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -138,22 +139,28 @@ def run_predict(cfg: DictConfig) -> dict:
     n = len(next(iter(values.values())))
     meta = {**catalog.provenance(cfg.ckpt_path, model, preprocessing, style, source), "n_spectra": n,
             "n_skipped": len(result.skipped)}
+    start = time.perf_counter()
     table = catalog.build_table(ids, values, model.label_names, names, meta)
     paths = catalog.write_catalog(table, cfg.output_dir, formats=opts["formats"])
+    write_seconds = time.perf_counter() - start
     outside = np.stack([values[f"{label}_outside"] for label in model.label_names], axis=1)
     warning = prediction.report_outside(model.label_names, outside, tolerance)
     if warning is not None:
         log.warning("%s", warning)
+    start = time.perf_counter()
     figures = _figures(values, model.label_names, cfg.output_dir)
-    rate = n / max(result.seconds, 1e-9)
+    figure_seconds = time.perf_counter() - start
+    rate = n / max(result.seconds + write_seconds, 1e-9)
     summary = {"n_spectra": n, "n_files": result.n_files, "n_skipped": len(result.skipped), "skipped": result.skipped,
                "n_outside": int(outside.any(axis=1).sum()), "seconds": round(result.seconds, 3),
+               "write_seconds": round(write_seconds, 3), "figure_seconds": round(figure_seconds, 3),
                "spectra_per_second": round(rate, 1), "catalog": {k: str(v) for k, v in paths.items()}, "figures": [str(f) for f in figures],
                "provenance": meta}
     if "split" in values:
         summary["split"] = {str(k): int(v) for k, v in zip(*np.unique(values["split"], return_counts=True))}
     json_path = catalog.write_summary(cfg.output_dir, summary)
-    log.info("predicted %s for %d spectra (%.0f spectra/s) from %s, %d skipped: %s", model.label_names, n, rate, source,
+    log.info("predicted %s for %d spectra (%.0f spectra/s read, predicted and written) from %s, %d skipped: %s",
+             model.label_names, n, rate, source,
              len(result.skipped), ", ".join(str(p) for p in [*paths.values(), json_path]))
     return {"n_spectra": n, "n_skipped": len(result.skipped), "n_outside": summary["n_outside"], "json": str(json_path),
             **{k: str(v) for k, v in paths.items()}}

@@ -15,6 +15,7 @@ Each file is written under a temporary name and renamed, so a killed run leaves 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import hashlib
@@ -236,21 +237,26 @@ def _text(column) -> np.ndarray:
     return np.where(mask, "", text) if mask is not None and np.any(mask) else text
 
 
-def write_text(table, path: Path, ecsv: bool) -> None:
-    """CSV (a header line of names) or ECSV (astropy's YAML header with units, descriptions and meta, then the same
-    lines: an empty field reads back as masked). Rows are formatted in blocks by numpy and written by the csv module,
-    which is many times faster than astropy's writers for masked columns."""
-    with open(path, "w", newline="") as fh:
-        if ecsv:
-            header = io.StringIO()
-            table[:0].write(header, format="ascii.ecsv", delimiter=",")
-            fh.write(header.getvalue())
-        else:
-            csv.writer(fh, lineterminator="\n").writerow(table.colnames)
-        writer = csv.writer(fh, lineterminator="\n")
+def write_text(table, paths: Mapping[str, Path]) -> None:
+    """The table as CSV (`paths[".csv"]`: a header line of names) and/or ECSV (`paths[".ecsv"]`: astropy's YAML header
+    with units, descriptions and meta, then the same lines; an empty field reads back as masked). Each block of rows is
+    formatted once by numpy and written by the csv module, many times faster than astropy's writers for masked columns."""
+    with contextlib.ExitStack() as stack:
+        writers = []
+        for suffix, path in paths.items():
+            fh = stack.enter_context(open(path, "w", newline=""))
+            if suffix == ".ecsv":
+                header = io.StringIO()
+                table[:0].write(header, format="ascii.ecsv", delimiter=",")
+                fh.write(header.getvalue())
+            else:
+                csv.writer(fh, lineterminator="\n").writerow(table.colnames)
+            writers.append(csv.writer(fh, lineterminator="\n"))
         for start in range(0, len(table), TEXT_ROWS):
             block = table[start : start + TEXT_ROWS]
-            writer.writerows(zip(*[_text(col).tolist() for col in block.itercols()]))
+            rows = list(zip(*[_text(col).tolist() for col in block.itercols()]))
+            for writer in writers:
+                writer.writerows(rows)
 
 
 def write_catalog(table, out_dir: str | os.PathLike, stem: str = "predictions",
@@ -261,21 +267,22 @@ def write_catalog(table, out_dir: str | os.PathLike, stem: str = "predictions",
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create the output folder {out} ({err}); choose another with output_dir=...") from err
-    paths = {}
-    for suffix in formats:
-        if suffix not in FORMATS:
-            raise ConfigError(f"unknown catalogue format {suffix!r}; valid: {', '.join(FORMATS)}")
-        final = out / f"{stem}{suffix}"
-        try:
-            with atomic_path(final) as tmp:
-                if suffix == ".fits":
-                    write_fits(table, tmp)
-                else:
-                    write_text(table, tmp, ecsv=suffix == ".ecsv")
-        except OSError as err:
-            raise ConfigError(f"cannot write {final} ({err}); check the folder is writable or set output_dir=...") from err
-        paths[suffix.lstrip(".")] = final
-    return paths
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown catalogue format(s) {unknown}; valid: {', '.join(FORMATS)}")
+    finals = {suffix: out / f"{stem}{suffix}" for suffix in formats}
+    try:
+        with contextlib.ExitStack() as stack:  # every file under a temporary name, all renamed when all are written
+            tmps = {suffix: stack.enter_context(atomic_path(final)) for suffix, final in finals.items()}
+            if ".fits" in tmps:
+                write_fits(table, tmps[".fits"])
+            texts = {suffix: tmp for suffix, tmp in tmps.items() if suffix != ".fits"}
+            if texts:
+                write_text(table, texts)
+    except OSError as err:
+        raise ConfigError(f"cannot write the catalogue {', '.join(p.name for p in finals.values())} in {out} ({err}); "
+                          "check the folder is writable or set output_dir=...") from err
+    return {suffix.lstrip("."): final for suffix, final in finals.items()}
 
 
 def write_summary(out_dir: str | os.PathLike, summary: Mapping, stem: str = "predictions") -> Path:
