@@ -1,0 +1,105 @@
+"""The Cannon's spectral model: the flux of every pixel is a quadratic polynomial in the (standardised) labels.
+
+flux_p(x) = theta_p . v(x), v(x) = [1, x_1 .. x_L, x_i x_j (i <= j)]: 10 coefficients per pixel for three labels.
+Given the training labels the model is linear in theta, so each pixel is a weighted least-squares problem of
+its own, solved for all pixels at once: M_p = sum_n c_np v_n v_n^T with one matrix product of the training
+set's outer products (N, Q^2) against the weights (N, P). Each spectrum's pixel has the variance 1/w_np plus
+the pixel's intrinsic scatter s_p^2 (what the quadratic cannot follow), so c_np = w_np / (1 + w_np s_p^2).
+theta and s^2 are found in turn: least squares at fixed scatter, then the maximum-likelihood scatter of
+the residuals (`spectrum_fit.fit_scatter`), until the scatter settles. Float64 throughout the solve: the
+quadratic terms of standardised labels reach ~10 and the Gram sums run over thousands of stars.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stellarlab.models.spectrum_fit import fit_scatter, inverse_variance, wide_dtype
+
+#: Rounds of (least squares, scatter) at most; the scatter moves by well under a percent after three.
+ROUNDS = 6
+#: Relative change of every pixel's scatter below which the rounds stop.
+SCATTER_RTOL = 1e-3
+#: Pixels solved at once (a block's float64 normal matrices and weights).
+PIXEL_BLOCK = 2048
+
+
+def n_terms(n_labels: int) -> int:
+    """Coefficients per pixel: constant, linear and quadratic (with cross) terms."""
+    return 1 + n_labels + n_labels * (n_labels + 1) // 2
+
+
+def quadratic_design(x: torch.Tensor) -> torch.Tensor:
+    """v(x) = [1, x_i, x_i x_j (i <= j)] along the last axis: (..., L) -> (..., n_terms(L))."""
+    n = x.shape[-1]
+    rows, cols = torch.triu_indices(n, n, device=x.device)
+    return torch.cat([torch.ones_like(x[..., :1]), x, x[..., rows] * x[..., cols]], dim=-1)
+
+
+class QuadraticFlux(nn.Module):
+    """labels (B, L) -> flux (B, P) = v(labels) theta^T; theta is fitted in closed form (`fit_quadratic`), never by gradients."""
+
+    def __init__(self, n_labels: int, n_pixels: int):
+        super().__init__()
+        theta = torch.zeros(n_pixels, n_terms(n_labels))
+        theta[:, 0] = 1.0  # the continuum until fitted
+        self.theta = nn.Parameter(theta, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quadratic_design(x) @ self.theta.T
+
+
+def weighted_least_squares(design: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+    """theta (P, Q) minimising sum_n cinv_np (flux_np - design_n . theta_p)^2 for every pixel p (float64 solve).
+
+    A pixel no spectrum has data on gets the continuum (theta = [1, 0, ...]); a tiny ridge keeps a pixel with too
+    few spectra for its Q coefficients solvable.
+    """
+    wide = wide_dtype(flux.device)
+    v = design.to(wide)
+    n, q = v.shape
+    outer = (v[:, :, None] * v[:, None, :]).reshape(n, q * q)
+    theta = torch.zeros(flux.shape[1], q, dtype=wide, device=flux.device)
+    eye = torch.eye(q, dtype=wide, device=flux.device)
+    for p0 in range(0, flux.shape[1], PIXEL_BLOCK):
+        cols = slice(p0, p0 + PIXEL_BLOCK)
+        c = cinv[:, cols].to(wide)
+        m = (c.T @ outer).view(-1, q, q)
+        b = (c * flux[:, cols].to(wide)).T @ v
+        scale = m.diagonal(dim1=-2, dim2=-1).amax(-1)
+        empty = scale <= 0
+        m = m + (1e-12 * scale.clamp(min=1e-300))[:, None, None] * eye
+        m[empty] = eye
+        solved = torch.linalg.solve(m, b.unsqueeze(-1)).squeeze(-1)
+        solved[empty] = 0.0
+        solved[empty, 0] = 1.0
+        theta[cols] = solved
+    return theta
+
+
+def fit_quadratic(labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor,
+                  scatter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(theta (P, Q) float32, scatter s^2 (P,)) of The Cannon on training spectra with known standardised labels.
+
+    labels (N, L), flux and weight (N, P), weight the inverse variance (0: no data). Without `scatter` it is the
+    plain weighted least-squares solution (s = 0).
+    """
+    design = quadratic_design(labels.float())
+    s2 = torch.zeros(flux.shape[1], dtype=flux.dtype, device=flux.device)
+    theta = weighted_least_squares(design, flux, weight)
+    if not scatter:
+        return theta.float(), s2
+    for _ in range(ROUNDS):
+        resid = flux - (design.to(theta.dtype) @ theta.T).to(flux.dtype)
+        new = fit_scatter(resid, weight)
+        del resid
+        settled = bool(((new - s2).abs() <= SCATTER_RTOL * new.clamp(min=1e-30)).all())
+        s2 = new
+        theta = weighted_least_squares(design, flux, inverse_variance(weight, s2))
+        if settled:
+            break
+    return theta.float(), s2
+
+
+__all__ = ["QuadraticFlux", "fit_quadratic", "n_terms", "quadratic_design", "weighted_least_squares"]

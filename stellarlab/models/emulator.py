@@ -1,0 +1,438 @@
+"""`model=emulator` / `model=cannon`: learn labels -> flux, then read labels off a spectrum by fitting all of it.
+
+Instead of mapping a spectrum to its labels, the model learns the forward problem, the continuum-normalised
+flux of every pixel as a function of the standardised labels, on the training spectra with a chi-square
+loss weighted by each pixel's inverse variance. Labels of a new spectrum are the ones whose emulated
+spectrum fits it best (`stellarlab.models.spectrum_fit`: bounded Levenberg-Marquardt from template starts),
+with formal errors from the curvature of the chi-square. So every prediction comes with an error and a
+goodness of fit, and a spectrum the emulator cannot describe shows as a reduced chi-square far above 1.
+
+kind=mlp (The Payne): a dense network; trained by gradient descent like the other networks (`optimizer`,
+`scheduler`; without a scheduler the learning rate decays on a cosine over the run, which trains the
+emulator to a much lower chi-square than a constant rate in the same epochs).
+kind=quadratic (The Cannon): flux quadratic in the labels, fitted in closed form in one pass
+(`stellarlab.models.cannon`), with a per-pixel intrinsic scatter.
+
+Latent labels (`latent_dims`, mlp): the spectra depend on more than the labels a run asks for (the
+synthetic survey's [alpha/Fe] when data.labels=[teff,logg,fe_h]; any unlisted abundance in real spectra).
+An emulator of the listed labels alone averages over the rest, and fitting it biases the labels by several
+times their noise. The network therefore adds a response to k latent labels z, linear in z and shaped by
+the labels: flux = m(y) + A c(y) z, with A a learnt basis of `LATENT_RANK` spectra. In training, z of each
+spectrum is solved for exactly (weighted least squares with a N(0, 1) prior), so the network learns what
+the listed labels leave unexplained; in a fit, z is free beside the labels (with the same prior) and the
+labels' formal errors include what not knowing z costs.
+
+Intrinsic scatter (`scatter`): per pixel, the variance of what the emulator does not reproduce, added to
+the noise of every fit (C = 1/w + s^2). mlp: measured on the validation spectra after each validation epoch
+(the network fits its own training spectra too well); quadratic: on the training spectra, with the fit.
+
+Validation is cheap and meaningful: val/loss is the chi-square per pixel of the emulated validation spectra
+at their true labels (about 1 plus the emulator's error in units of the noise). The test split and
+`predict` get the full label fit; its errors are the fit's formal errors, reported as they are (no
+`sigma_scale`: they are derived, not learnt, and the test report's calibration shows how far to trust them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stellarlab.checks import Choice, Flag, Number
+from stellarlab.errors import ConfigError
+from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor, activation
+from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
+from stellarlab.models.mlp import HiddenSizes
+from stellarlab.models.spectrum_fit import FitResult, fit_scatter, fit_spectra, inverse_variance, template_starts
+
+log = logging.getLogger(__name__)
+
+#: Spectra in the basis A of the latent response (its shape per star is mixed from these by the labels).
+LATENT_RANK = 32
+#: Latent labels are bounded to +-LATENT_BOUND in a fit (their prior is N(0, 1)).
+LATENT_BOUND = 5.0
+#: Spectra fitted at once (the Jacobian of a chunk is chunk x pixels x labels floats).
+FIT_CHUNK = 512
+#: Validation spectra whose residuals measure the intrinsic scatter (the first ones of the split).
+SCATTER_ROWS = 4000
+KINDS = ("mlp", "quadratic")
+
+
+class FluxNetwork(nn.Module):
+    """(labels, latent) -> flux: m(y) from a dense network, plus A c(y) z for the k latent labels z."""
+
+    def __init__(self, n_labels: int, n_pixels: int, hidden_sizes: Sequence[int], act: str, latent_dims: int):
+        super().__init__()
+        self.n_labels, self.latent_dims = n_labels, latent_dims
+        layers: list[nn.Module] = []
+        width = n_labels
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, int(size)), activation(act)]
+            width = int(size)
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(width, n_pixels)
+        if latent_dims:
+            self.mix = nn.Linear(width, LATENT_RANK * latent_dims)
+            self.basis = nn.Parameter(torch.randn(n_pixels, LATENT_RANK) * 1e-3)
+
+    def parts(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(m(y) (..., P), the latent response A c(y) (..., P, k) or None)."""
+        h = self.trunk(labels)
+        flux = self.out(h)
+        if not self.latent_dims:
+            return flux, None
+        mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
+        return flux, self.basis @ mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flux, response = self.parts(x[..., : self.n_labels])
+        if response is None:
+            return flux
+        return flux + (response @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def latent(self, labels: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+        """z (B, k) maximising the posterior of each spectrum at its known labels: flux is linear in z, so exactly."""
+        mean, response = self.parts(labels)
+        weighted = response * cinv.unsqueeze(-1)
+        a = weighted.transpose(-1, -2) @ response + torch.eye(self.latent_dims, device=flux.device)
+        b = weighted.transpose(-1, -2) @ (flux - mean).unsqueeze(-1)
+        return torch.linalg.solve(a.double(), b.double()).squeeze(-1).to(flux.dtype)
+
+
+def _chi2_per_pixel(flux, weight, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of w (flux - model)^2, number of pixels with w > 0)."""
+    return (weight * (flux - model) ** 2).sum(), (weight > 0).sum()
+
+
+class EmulatorRegressor(SpectrumRegressor):
+    """Spectrum emulator (kind=mlp: The Payne; kind=quadratic: The Cannon) whose predictions are full-spectrum fits."""
+
+    batch_keys = ("flux", "weight", "labels")
+
+    @classmethod
+    def logged_metrics(cls, label_names: Sequence[str], values: Mapping[str, Any]) -> list[str]:
+        names = ["val/loss", "val/loss_best", "val/scatter_median"]
+        return [*names, "train/loss" if str(values.get("kind", "mlp")) == "quadratic" else "train/loss_epoch"]
+
+    @classmethod
+    def check_together(cls, values: Mapping[str, Any]) -> None:
+        if str(values.get("loss", "mse")) != "mse":
+            raise ConfigError(
+                f"model.loss={values['loss']}: the emulator trains on the chi-square of the flux and its errors come "
+                "from the fit; remove model.loss (or use a network: model=mlp model.loss=gaussian_nll)"
+            )
+        if str(values.get("kind", "mlp")) == "quadratic" and values.get("latent_dims"):
+            raise ConfigError(
+                f"model.latent_dims={values['latent_dims']}: kind=quadratic (The Cannon) is quadratic in the labels "
+                "alone; set model.latent_dims=0 or null (or use kind=mlp)"
+            )
+        starts, templates = values.get("fit_starts", 2), values.get("fit_templates", 256)
+        if isinstance(starts, int) and isinstance(templates, int) and starts > templates:
+            raise ConfigError(
+                f"model.fit_starts={starts} is more than model.fit_templates={templates}: each start is a template; "
+                "lower model.fit_starts or raise model.fit_templates"
+            )
+
+    def __init__(
+        self,
+        n_pixels: int,
+        label_names,
+        kind: Annotated[str, Choice(*KINDS)] = "mlp",
+        hidden_sizes: HiddenSizes = (300, 300),
+        activation: Activation = "silu",
+        latent_dims: Annotated[int | None, Number(minimum=0, integer=True, allow_null=True,
+                                                  example="model.latent_dims=1")] = None,
+        scatter: Annotated[bool, Flag()] = True,
+        fit_starts: Annotated[int, Number(minimum=1, integer=True, example="model.fit_starts=2")] = 2,
+        fit_templates: Annotated[int, Number(minimum=1, integer=True, example="model.fit_templates=256")] = 256,
+        fit_iterations: Annotated[int, Number(minimum=1, integer=True, example="model.fit_iterations=30")] = 30,
+        fit_tolerance: Annotated[float, Number(above=0, example="model.fit_tolerance=0.01")] = 0.01,
+        **kwargs,
+    ):
+        super().__init__(n_pixels=n_pixels, label_names=label_names, **kwargs)
+        self.kind = str(kind)
+        n_labels = len(label_names)
+        self.latent_dims = (1 if self.kind == "mlp" else 0) if latent_dims is None else int(latent_dims)
+        self.use_scatter = bool(scatter)
+        self.fit_settings = {"n_starts": int(fit_starts), "max_iter": int(fit_iterations), "tol": float(fit_tolerance)}
+        if self.kind == "mlp":
+            self.net = FluxNetwork(n_labels, n_pixels, hidden_sizes, activation, self.latent_dims)
+        else:
+            self.net = QuadraticFlux(n_labels, n_pixels)
+            self.automatic_optimization = False
+            if kwargs.get("optimizer") is not None or kwargs.get("scheduler") is not None:
+                log.info("kind=quadratic is fitted in closed form in one pass: the optimizer and scheduler configs are ignored")
+        self.register_buffer("sigma_scale", torch.ones(n_labels))  # formal errors are reported as they are
+        self.register_buffer("scatter2", torch.zeros(n_pixels))
+        self.register_buffer("template_labels", torch.zeros(int(fit_templates), n_labels + self.latent_dims))
+        self.register_buffer("typical_weight", torch.tensor(1.0))
+        self.register_buffer("prepared", torch.tensor(False))
+        self.best_val_mse = None  # no label predictions on validation: val/loss is the flux chi-square
+        self._templates: tuple[tuple, torch.Tensor] | None = None
+        self._val: dict[str, Any] = {}
+        self._train_rows: list[tuple[torch.Tensor, ...]] = []
+        self._fit_rows: list[FitResult] = []
+        self.last_fit: FitResult | None = None
+
+    # -- the emulator and its fit -------------------------------------------------------------------
+    def emulate(self, labels: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Flux (B, P) of standardised labels (B, L) (latent labels 0 unless given), in float32."""
+        x = labels.float()
+        if self.latent_dims:
+            z = torch.zeros(*x.shape[:-1], self.latent_dims, device=x.device) if latent is None else latent.float()
+            x = torch.cat([x, z], -1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.net(x)
+
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(low, high, prior precision) of the fitted coordinates: labels in the training range, latents +-LATENT_BOUND."""
+        lo, hi, _ = self.training_range()
+        dev = self.label_mean.device
+        low = (torch.tensor(lo, device=dev) - self.label_mean) / self.label_std
+        high = (torch.tensor(hi, device=dev) - self.label_mean) / self.label_std
+        if not self.latent_dims:
+            return low, high, None
+        k, n = self.latent_dims, len(self.label_names)
+        bound = torch.full((k,), LATENT_BOUND, device=dev)
+        prior = torch.cat([torch.zeros(n, device=dev), torch.ones(k, device=dev)])
+        return torch.cat([low, -bound]), torch.cat([high, bound]), prior
+
+    def _template_flux(self) -> torch.Tensor:
+        """The emulated template spectra, recomputed only when the weights changed (or moved)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.net.parameters())
+        if self._templates is None or self._templates[0] != key:
+            with torch.autocast(device_type=self.template_labels.device.type, enabled=False):
+                self._templates = (key, self.net(self.template_labels.float()))
+        return self._templates[1]
+
+    def _clean(self, flux: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        flux = flux.float()
+        weight = self.typical_weight.expand_as(flux) if weight is None else weight.to(flux)
+        bad = ~torch.isfinite(flux) | ~(weight > 0)
+        return torch.where(bad, torch.ones_like(flux), flux), torch.where(bad, torch.zeros_like(weight), weight)
+
+    def _fit(self, flux: torch.Tensor, weight: torch.Tensor | None) -> FitResult:
+        """The fit in standardised units, latent coordinates included; chunks of FIT_CHUNK spectra."""
+        flux, weight = self._clean(flux, weight)
+        low, high, prior = self._bounds()
+        scatter2 = self.scatter2 if self.use_scatter else None
+        parts = []
+        # float32, gradients off (the Jacobian is forward mode); inference tensors from predict are fine
+        with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
+            template_flux = self._template_flux()
+            for start in range(0, len(flux), FIT_CHUNK):
+                f, w = flux[start : start + FIT_CHUNK], weight[start : start + FIT_CHUNK]
+                starts = template_starts(f, inverse_variance(w, scatter2), self.template_labels, template_flux,
+                                         self.fit_settings["n_starts"])
+                parts.append(fit_spectra(self.net, f, w, low, high, scatter2, starts, self.fit_settings["max_iter"],
+                                         self.fit_settings["tol"], prior))
+        return FitResult(*(torch.cat([getattr(p, name) for p in parts]) for name in FitResult.__dataclass_fields__))
+
+    def fit_spectra(self, flux: torch.Tensor, weight: torch.Tensor | None = None) -> FitResult:
+        """Labels of each spectrum by fitting it: `FitResult` with labels and formal errors in physical units.
+
+        `weight` is the inverse variance per pixel (0 = no data); None gives every pixel the training data's
+        typical one. `rchi2` and `converged` say which fits to trust; latent labels are left out.
+        """
+        device = self.label_mean.device
+        fit = self._fit(torch.as_tensor(flux, device=device), None if weight is None else torch.as_tensor(weight, device=device))
+        n = len(self.label_names)
+        return FitResult(fit.labels[:, :n] * self.label_std + self.label_mean, fit.sigma[:, :n] * self.label_std,
+                         fit.chi2, fit.n_pixels, fit.converged, fit.iterations, fit.at_bound[:, :n])
+
+    def forward(self, flux: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardised labels of the fitted spectra (the base's contract); see `fit_spectra` for the whole fit."""
+        fit = self._fit(flux, weight)
+        self.last_fit = fit
+        return fit.labels[:, : len(self.label_names)]
+
+    def predict_with_sigma(self, flux: torch.Tensor, weight: torch.Tensor | None = None):
+        fit = self.fit_spectra(flux, weight)
+        self.last_fit = fit
+        return fit.labels, fit.sigma
+
+    def predict_with_uncertainty(self, flux: torch.Tensor, weight: torch.Tensor | None = None):
+        """(labels, formal errors) in physical units: every emulator fit has errors."""
+        return self.predict_with_sigma(flux, weight)
+
+    # -- preparing a fit: templates, starting flux, typical weight --------------------------------
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ConfigError(f"the emulator trains and fits on one device; set trainer.devices=1 (this run has "
+                              f"{self.trainer.world_size} processes)")
+        device = self.trainer.strategy.root_device if self.trainer is not None else self.device
+        if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+            # TF32 keeps ~3 significant digits: far coarser than the noise of an SNR-100 spectrum
+            log.info("the emulator needs full float32 matrix products: float32 matmul precision set to 'highest'")
+            torch.set_float32_matmul_precision("highest")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not bool(self.prepared) and hasattr(datamodule, "split_arrays"):
+            train = datamodule.split_arrays("train")
+            rows = np.sort(np.random.default_rng(0).permutation(len(train["labels"]))[:SCATTER_ROWS])
+            self._prepare(train["labels"], train["flux"][rows], train["weight"][rows])
+
+    @torch.no_grad()
+    def _prepare(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor) -> None:
+        """Templates from the training labels, the typical pixel weight and (mlp) the mean flux as the output bias."""
+        labels = labels[torch.isfinite(labels).all(1)].float()
+        if not len(labels):
+            raise ConfigError("no training spectrum has every label of data.labels; the emulator needs them all")
+        k = len(self.template_labels)
+        pick = torch.from_numpy(np.random.default_rng(0).choice(len(labels), k, replace=k > len(labels)))
+        chosen = labels[pick].to(self.template_labels)
+        self.template_labels.zero_()
+        self.template_labels[:, : chosen.shape[1]] = chosen
+        weight = weight.to(self.device).float()
+        used = weight[weight > 0]
+        self.typical_weight.fill_(float(used.median()) if len(used) else 1.0)
+        if self.kind == "mlp":
+            total = weight.sum(0)
+            mean = torch.where(total > 0, (weight * flux.to(weight)).sum(0) / total.clamp(min=1e-30), torch.ones_like(total))
+            self.net.out.bias.copy_(mean)
+        self.prepared.fill_(True)
+
+    # -- training -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.kind == "quadratic":
+            return []
+        if self.scheduler_factory is not None or self._trainer is None:
+            return super().configure_optimizers()
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        optimizer = factory(params=self.parameters())
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _known(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flux, weight, labels) of the rows with every label known: the emulator maps all labels to flux."""
+        labels = batch["labels"]
+        keep = torch.isfinite(labels).all(1)
+        flux, weight = batch["flux"], batch["weight"]
+        if not bool(keep.all()):
+            flux, weight, labels = flux[keep], weight[keep], labels[keep]
+        return flux.float(), weight.float(), labels.float()
+
+    def _inputs(self, labels, flux, weight) -> torch.Tensor:
+        if not self.latent_dims:
+            return labels
+        return torch.cat([labels, self.net.latent(labels, flux, weight)], -1)
+
+    def training_step(self, batch, batch_idx):
+        flux, weight, labels = self._known(batch)
+        if self.kind == "quadratic":
+            self._train_rows.append((labels.detach(), flux.detach(), weight.detach()))
+            return None
+        if not bool(self.prepared):  # trained without a DataModule: prepare from the first batch
+            self._prepare(labels, flux, weight)
+        if not len(labels):
+            return None
+        with torch.autocast(device_type=flux.device.type, enabled=False):
+            total, count = _chi2_per_pixel(flux, weight, self.net(self._inputs(labels, flux, weight)))
+            loss = total / count.clamp(min=1)
+        n = len(flux)
+        self._train_loss_sum = self._train_loss_sum + loss.detach() * n
+        self._train_loss_count += n
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % max(every, 1) == 0:
+            value = float(loss.detach())
+            self._check_finite(value, "training chi-square")
+            for logger in self.loggers if self._trainer is not None else ():
+                logger.log_metrics({"train/loss_step": value}, step=self.global_step)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._train_rows = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.kind == "quadratic" and self.trainer.is_last_batch:
+            self._solve_quadratic()  # before this epoch's validation, which runs next
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.kind == "quadratic" and self._train_rows:  # a loader of unknown length never flagged its last batch
+            self._solve_quadratic()
+
+    @torch.no_grad()
+    def _solve_quadratic(self) -> None:
+        labels, flux, weight = (torch.cat(t) for t in zip(*self._train_rows))
+        self._train_rows = []
+        if not bool(self.prepared):
+            self._prepare(labels, flux, weight)
+        theta, s2 = fit_quadratic(labels, flux, weight, scatter=self.use_scatter)
+        self.net.theta.copy_(theta)
+        self.scatter2.copy_(s2)
+        total, count = _chi2_per_pixel(flux, weight, self.net(labels))
+        self.log("train/loss", float(total / count.clamp(min=1)), on_step=False, on_epoch=True, batch_size=len(flux))
+        # no optimizer: the solve counts as the step, so the checkpoint callback saves it
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+        self.trainer.should_stop = True
+
+    # -- validation: the emulated flux at the true labels --------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        flux, weight, labels = self._known(batch)
+        with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
+            resid = flux - self.net(self._inputs(labels, flux, weight))
+        total, count = _chi2_per_pixel(resid, weight, torch.zeros_like(resid))
+        self._val["chi2"] = self._val.get("chi2", 0.0) + total.double()
+        self._val["pixels"] = self._val.get("pixels", 0) + int(count)
+        kept = self._val.setdefault("rows", [])
+        room = SCATTER_ROWS - sum(len(r) for r, _ in kept)
+        if room > 0 and self.kind == "mlp" and self.use_scatter:
+            kept.append((resid[:room], weight[:room]))
+
+    def on_validation_epoch_end(self) -> None:
+        values, self._val = self._val, {}
+        loss = float(values.get("chi2", math.nan)) / max(values.get("pixels", 0), 1)
+        self.log("val/loss", loss, prog_bar=True, **GLOBAL)
+        if self.trainer.sanity_checking:
+            return
+        if values.get("rows"):
+            resid, weight = (torch.cat(t) for t in zip(*values["rows"]))
+            self.scatter2.copy_(fit_scatter(resid, weight))
+        positive = self.scatter2[self.scatter2 > 0]
+        self.log("val/scatter_median", float(positive.sqrt().median()) if len(positive) else 0.0, **GLOBAL)
+        self.best_val_loss = min(self.best_val_loss, loss)
+        self.log("val/loss_best", self.best_val_loss, prog_bar=True, **GLOBAL)
+
+    # -- test: the full label fit ----------------------------------------------------------------------
+    def test_step(self, batch, batch_idx):
+        fit = self._fit(batch["flux"], batch["weight"])
+        n = len(self.label_names)
+        self._outputs["test"].append((fit.labels[:, :n], batch["labels"], fit.sigma[:, :n]))
+        if "index" in batch:
+            self._eval_index["test"].append(batch["index"])
+        self._fit_rows.append(fit)
+
+    def on_test_epoch_end(self) -> None:
+        fits, self._fit_rows = self._fit_rows, []
+        super().on_test_epoch_end()
+        if not fits:
+            return
+        rchi2 = torch.cat([f.rchi2 for f in fits]).float().cpu().numpy()
+        converged = torch.cat([f.converged for f in fits]).cpu().numpy()
+        at_bound = torch.cat([f.at_bound[:, : len(self.label_names)].any(1) for f in fits]).cpu().numpy()
+        self.test_results["fit"] = {"rchi2": rchi2, "converged": converged, "at_bound": at_bound}
+        self.log("test/converged_fraction", float(converged.mean()), **GLOBAL)
+        self.log("test/rchi2_median", float(np.median(rchi2)), **GLOBAL)
+        log.info("test fits: %.1f%% converged, median reduced chi-square %.3f, %.1f%% with a label on its bound",
+                 100 * converged.mean(), np.median(rchi2), 100 * at_bound.mean())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.best_val_mse = None
+        self._templates = None
+
+
+__all__ = ["EmulatorRegressor", "FluxNetwork"]

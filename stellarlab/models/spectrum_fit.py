@@ -1,0 +1,256 @@
+"""Labels by full-spectrum fitting: chi-square between an observed spectrum and an emulator, minimised over the labels.
+
+`fit_spectra(emulate, flux, weight, ...)` fits a batch of spectra at once. `emulate` maps labels (B, L) to
+model flux (B, P), row by row (The Payne's network, The Cannon's quadratic, ...). The noise of pixel p of
+spectrum b is its own variance 1/w_bp plus the emulator's intrinsic scatter s_p^2 (what the emulator cannot
+reproduce, measured on held-out or training spectra), so C^-1 = w / (1 + w s^2) and a zero-weight pixel
+carries nothing.
+
+The minimiser is a batched, bounded Levenberg-Marquardt: every spectrum has its own damping; the Jacobian
+d flux / d labels comes from forward-mode autodiff (`torch.func.jacfwd` under `vmap`: one pass per label
+direction, exact to the emulator's precision), and a trial point's Jacobian is computed with its flux, so an
+accepted step costs no extra pass. Labels stay inside [low, high] (the training range: an emulator
+extrapolates badly): steps are clipped there, and a label held at a bound by its gradient is fixed while the
+others move. A spectrum has converged when the Gauss-Newton step from its current point promises a
+chi-square decrease below `tol` (a distance to the minimum far below one formal sigma); converged spectra
+leave the batch, so the remaining iterations cost only the hard ones.
+
+Starts: `template_starts` scores every spectrum against a fixed set of emulated template spectra with two
+matrix products and starts from the `n_starts` best; the fit from each start runs and the lowest chi-square is
+kept. Formal errors are sqrt(diag((J^T C^-1 J)^-1)) at the solution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import jacfwd, vmap
+
+Emulator = Callable[[torch.Tensor], torch.Tensor]
+
+#: Damping of the first step, and the factor it is divided by on success and multiplied by on failure.
+LAMBDA_START, LAMBDA_FACTOR = 1e-2, 10.0
+#: Damping above which a spectrum stops: no step, however small, lowers its chi-square any more.
+LAMBDA_MAX = 1e10
+
+
+@dataclass
+class FitResult:
+    """One row per spectrum; labels and sigmas in the emulator's label units (standardised for stellarlab's emulator)."""
+
+    labels: torch.Tensor  # (B, L) best fit
+    sigma: torch.Tensor  # (B, L) formal errors sqrt(diag((J^T C^-1 J)^-1)), C with the intrinsic scatter
+    chi2: torch.Tensor  # (B,) float64
+    n_pixels: torch.Tensor  # (B,) pixels with C^-1 > 0
+    converged: torch.Tensor  # (B,) bool: the stopping rule was met within the iterations allowed
+    iterations: torch.Tensor  # (B,) LM iterations taken by the kept start
+    at_bound: torch.Tensor  # (B, L) bool: the label ended on its bound (the fit wanted to go beyond)
+
+    @property
+    def rchi2(self) -> torch.Tensor:
+        """Reduced chi-square chi2 / (pixels - labels): about 1 for a spectrum the emulator describes."""
+        dof = (self.n_pixels - self.labels.shape[1]).clamp(min=1)
+        return self.chi2 / dof.to(self.chi2.dtype)
+
+    def select(self, index: torch.Tensor) -> FitResult:
+        return FitResult(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums over thousands of pixels or stars; MPS has none, so float32 there."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def inverse_variance(weight: torch.Tensor, scatter2: torch.Tensor | None) -> torch.Tensor:
+    """C^-1 per pixel: 1 / (1/w + s^2) = w / (1 + w s^2); 0 where w is 0 (no data)."""
+    weight = weight.clamp(min=0)
+    if scatter2 is None:
+        return weight
+    return weight / (1.0 + weight * scatter2)
+
+
+def value_and_jacobian(emulate: Emulator, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(emulate(labels) (B, P), d flux / d labels (B, P, L)) from one forward-mode pass per label direction."""
+
+    def one(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = emulate(x.unsqueeze(0)).squeeze(0)
+        return out, out
+
+    jac, value = vmap(jacfwd(one, has_aux=True))(labels)
+    return value, jac
+
+
+def _normal_equations(jac, cinv, resid, x, prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(J^T C^-1 J, J^T C^-1 r, chi2) in float64 (the sums run over thousands of pixels), with the prior's terms."""
+    wide = wide_dtype(jac.device)
+    weighted = jac * cinv.unsqueeze(-1)
+    a = torch.bmm(weighted.transpose(1, 2), jac).to(wide)
+    g = torch.bmm(weighted.transpose(1, 2), resid.unsqueeze(-1)).squeeze(-1).to(wide)
+    chi2 = (cinv * resid * resid).to(wide).sum(1)
+    if prior is not None:  # a Gaussian N(0, 1/prior) on each coordinate: one more "pixel" per label
+        xd = x.to(wide)
+        a = a + torch.diag_embed(prior.expand_as(xd))
+        g = g - prior * xd
+        chi2 = chi2 + (prior * xd * xd).sum(1)
+    return a, g, chi2
+
+
+def _free_system(a, g, x, low, high) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal equations with every label that sits on a bound and is pushed outwards fixed (identity row, no gradient)."""
+    held = ((x <= low) & (g < 0)) | ((x >= high) & (g > 0))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    keep = (~held).to(a.dtype)
+    a = a * keep.unsqueeze(-1) * keep.unsqueeze(-2) + eye * (1 - keep).unsqueeze(-1)
+    return a, g * keep
+
+
+def _solve(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A^-1 g per row; a singular A (a label with no effect on the flux) gets a small ridge instead of NaN."""
+    ridge = 1e-9 * a.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(a + ridge[:, None, None] * eye, g.unsqueeze(-1)).squeeze(-1)
+
+
+def formal_errors(a: torch.Tensor) -> torch.Tensor:
+    """sqrt(diag(A^-1)) per row (inf for a label the spectrum says nothing about)."""
+    d = a.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    ok = (d > 0).all(-1)
+    scale = torch.where(ok.unsqueeze(-1), d, torch.ones_like(d))
+    unit = a / (scale.unsqueeze(-1) * scale.unsqueeze(-2))  # unit diagonal: labels of very different sizes
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    unit = torch.where(ok[:, None, None], unit, eye)
+    inv, info = torch.linalg.inv_ex(unit)
+    var = inv.diagonal(dim1=-2, dim2=-1) / scale**2
+    bad = ~ok | (info != 0) | (var <= 0).any(-1)
+    return torch.where(bad.unsqueeze(-1), torch.full_like(var, float("inf")), var.clamp(min=0).sqrt())
+
+
+def levenberg_marquardt(emulate: Emulator, flux: torch.Tensor, cinv: torch.Tensor, start: torch.Tensor,
+                        low: torch.Tensor, high: torch.Tensor, max_iter: int = 30, tol: float = 1e-2,
+                        prior: torch.Tensor | None = None) -> FitResult:
+    """Minimise sum_p C^-1_bp (flux_bp - emulate(x_b)_p)^2 (+ sum_i prior_i x_bi^2) over x_b in [low, high] for every row b.
+
+    `prior` (L,): the precision of a Gaussian prior N(0, 1/prior_i) per coordinate, 0 for none (a nuisance
+    coordinate the emulator learnt with such a prior). chi2 and the formal errors then include it."""
+    n, n_labels = start.shape
+    dev = flux.device
+    x = torch.maximum(torch.minimum(start.to(flux.dtype), high), low)
+    value, jac = value_and_jacobian(emulate, x)
+    resid = flux - value
+    wide = wide_dtype(dev)
+    prior = None if prior is None else prior.to(device=dev, dtype=wide)
+    a, g, chi2 = _normal_equations(jac, cinv, resid, x, prior)
+    lam = torch.full((n,), LAMBDA_START, dtype=wide, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    converged = torch.zeros(n, dtype=torch.bool, device=dev)
+    iterations = torch.zeros(n, dtype=torch.long, device=dev)
+    for it in range(max_iter + 1):
+        rows = torch.nonzero(~done).flatten()
+        if not len(rows):
+            break
+        xa, la, ha = x[rows], low.expand(n, -1)[rows], high.expand(n, -1)[rows]
+        xw, lw, hw = xa.to(wide), la.to(wide), ha.to(wide)
+        af, gf = _free_system(a[rows], g[rows], xw, lw, hw)
+        # Convergence: the Gauss-Newton step (clipped to the bounds) promises less than tol of chi-square.
+        step = torch.maximum(torch.minimum(xw + _solve(af, gf), hw), lw) - xw
+        promised = 2 * (gf * step).sum(-1) - torch.einsum("bi,bij,bj->b", step, af, step)
+        now = promised < tol
+        stuck = lam[rows] > LAMBDA_MAX
+        converged[rows[now]] = True
+        done[rows[now | stuck]] = True
+        if it == max_iter:
+            break
+        rows, af, gf = rows[~(now | stuck)], af[~(now | stuck)], gf[~(now | stuck)]
+        if not len(rows):
+            break
+        damped = af + lam[rows, None, None] * torch.diag_embed(af.diagonal(dim1=-2, dim2=-1))
+        trial = (x[rows].to(wide) + _solve(damped, gf)).to(x.dtype)
+        trial = torch.maximum(torch.minimum(trial, high.expand(n, -1)[rows]), low.expand(n, -1)[rows])
+        t_value, t_jac = value_and_jacobian(emulate, trial)
+        t_resid = flux[rows] - t_value
+        t_a, t_g, t_chi2 = _normal_equations(t_jac, cinv[rows], t_resid, trial, prior)
+        better = t_chi2 < chi2[rows]
+        take = rows[better]
+        x[take], jac[take], resid[take] = trial[better], t_jac[better], t_resid[better]
+        a[take], g[take], chi2[take] = t_a[better], t_g[better], t_chi2[better]
+        lam[rows] = torch.where(better, (lam[rows] / LAMBDA_FACTOR).clamp(min=1e-7), lam[rows] * LAMBDA_FACTOR)
+        iterations[rows] += 1
+    at_bound = ((x <= low) | (x >= high)) & (high > low)
+    n_pixels = (cinv > 0).sum(1)
+    return FitResult(x, formal_errors(a).to(x.dtype), chi2, n_pixels, converged, iterations, at_bound)
+
+
+def template_starts(flux: torch.Tensor, cinv: torch.Tensor, template_labels: torch.Tensor,
+                    template_flux: torch.Tensor, n_starts: int) -> torch.Tensor:
+    """(B, n_starts, L): the labels of the templates with the lowest chi-square for each spectrum.
+
+    chi2[b, k] = sum_p C^-1_bp (f_bp - t_kp)^2 = const_b - 2 (C^-1 f) t_k + C^-1 t_k^2: two matrix products for all pairs.
+    """
+    cross = (cinv * flux) @ template_flux.T
+    power = cinv @ (template_flux * template_flux).T
+    score = power - 2 * cross
+    best = torch.topk(score, k=min(n_starts, len(template_labels)), dim=1, largest=False).indices
+    return template_labels[best]
+
+
+def fit_spectra(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                scatter2: torch.Tensor | None = None, starts: torch.Tensor | None = None, max_iter: int = 30,
+                tol: float = 1e-2, prior: torch.Tensor | None = None) -> FitResult:
+    """Fit every spectrum of the batch from each of its starts; keep, per spectrum, the start that ends with the lowest chi2.
+
+    `flux`, `weight` (inverse variance, 0 = no data): (B, P). `starts`: (B, S, L) or (S, L) for all spectra alike;
+    None starts from the middle of the bounds. `low`, `high`: (L,) bounds in the emulator's label units.
+    """
+    b = flux.shape[0]
+    low, high = low.to(flux), high.to(flux)
+    if starts is None:
+        starts = ((low + high) / 2).expand(b, 1, -1)
+    elif starts.dim() == 2:
+        starts = starts.unsqueeze(0).expand(b, -1, -1)
+    n_starts = starts.shape[1]
+    cinv = inverse_variance(weight, scatter2)
+    if n_starts == 1:
+        return levenberg_marquardt(emulate, flux, cinv, starts[:, 0], low, high, max_iter, tol, prior)
+    result = levenberg_marquardt(emulate, flux.repeat_interleave(n_starts, 0), cinv.repeat_interleave(n_starts, 0),
+                                 starts.reshape(b * n_starts, -1), low, high, max_iter, tol, prior)
+    best = result.chi2.view(b, n_starts).argmin(1) + torch.arange(b, device=flux.device) * n_starts
+    return result.select(best)
+
+
+def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 50, block: int = 1024) -> torch.Tensor:
+    """Per pixel the intrinsic variance s^2 >= 0 that maximises the Gaussian likelihood of the residuals.
+
+    resid, weight: (N, P). The likelihood's derivative in s^2, sum_n [r^2 / v - 1] / v with v = 1/w + s^2 over the
+    rows with w > 0, is positive at s^2 = 0 when the residuals exceed their noise and negative once s^2 passes
+    the largest r^2; its root is found by bisection in log s^2, a block of pixels at a time (wide sums over N).
+    A pixel whose residuals are no larger than its noise gets s^2 = 0.
+    """
+    out = torch.zeros(resid.shape[1], dtype=resid.dtype, device=resid.device)
+    for p0 in range(0, resid.shape[1], block):
+        cols = slice(p0, p0 + block)
+        w = weight[:, cols].to(wide_dtype(weight.device))
+        used = w > 0
+        var = torch.where(used, 1.0 / w.clamp(min=torch.finfo(w.dtype).tiny), torch.ones_like(w))
+        r2 = torch.where(used, resid[:, cols].to(w.dtype) ** 2, torch.zeros_like(w))
+        usedd = used.to(w.dtype)
+
+        def slope(s2: torch.Tensor) -> torch.Tensor:
+            v = var + s2
+            return ((r2 / v - 1.0) / v * usedd).sum(0)
+
+        positive = slope(torch.zeros_like(r2[0])) > 0
+        lo = torch.full_like(r2[0], 1e-16).log()
+        hi = (r2.amax(0) + 1e-16).log()
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            up = slope(mid.exp()) > 0
+            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+        s2 = ((lo + hi) / 2).exp()
+        out[cols] = torch.where(positive & (used.sum(0) > 1), s2, torch.zeros_like(s2)).to(out.dtype)
+    return out
+
+
+__all__ = ["FitResult", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance", "levenberg_marquardt",
+           "template_starts", "value_and_jacobian", "wide_dtype"]
