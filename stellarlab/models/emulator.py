@@ -48,6 +48,7 @@ from stellarlab.errors import ConfigError
 from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor, activation
 from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
 from stellarlab.models.mlp import HiddenSizes
+from stellarlab.models.quality import noise_weight
 from stellarlab.models.spectrum_fit import FitResult, fit_scatter, fit_spectra, inverse_variance, template_starts
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,6 @@ class EmulatorRegressor(SpectrumRegressor):
         self.register_buffer("sigma_scale", torch.ones(n_labels))  # formal errors are reported as they are
         self.register_buffer("scatter2", torch.zeros(n_pixels))
         self.register_buffer("template_labels", torch.zeros(int(fit_templates), n_labels + self.latent_dims))
-        self.register_buffer("typical_weight", torch.tensor(1.0))
         self.register_buffer("prepared", torch.tensor(False))
         self.best_val_mse = None  # no label predictions on validation: val/loss is the flux chi-square
         self._templates: tuple[tuple, torch.Tensor] | None = None
@@ -211,11 +211,15 @@ class EmulatorRegressor(SpectrumRegressor):
                 self._templates = (key, self.net(self.template_labels.float()))
         return self._templates[1]
 
-    def _clean(self, flux: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _clean(flux: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bad pixels to (flux 1, weight 0); a spectrum whose weights are all 0 or 1 carries no errors (a `.npy` of
+        flux alone), so its noise is estimated from the flux itself (DER_SNR, `quality.noise_weight`)."""
         flux = flux.float()
-        weight = self.typical_weight.expand_as(flux) if weight is None else weight.to(flux)
+        weight = torch.ones_like(flux) if weight is None else weight.to(flux)
         bad = ~torch.isfinite(flux) | ~(weight > 0)
-        return torch.where(bad, torch.ones_like(flux), flux), torch.where(bad, torch.zeros_like(weight), weight)
+        flux = torch.where(bad, torch.ones_like(flux), flux)
+        return flux, noise_weight(flux, torch.where(bad, torch.zeros_like(weight), weight))
 
     def _fit(self, flux: torch.Tensor, weight: torch.Tensor | None) -> FitResult:
         """The fit in standardised units, latent coordinates included; chunks of FIT_CHUNK spectra."""
@@ -237,8 +241,8 @@ class EmulatorRegressor(SpectrumRegressor):
     def fit_spectra(self, flux: torch.Tensor, weight: torch.Tensor | None = None) -> FitResult:
         """Labels of each spectrum by fitting it: `FitResult` with labels and formal errors in physical units.
 
-        `weight` is the inverse variance per pixel (0 = no data); None gives every pixel the training data's
-        typical one. `rchi2` and `converged` say which fits to trust; latent labels are left out.
+        `weight` is the inverse variance per pixel (0 = no data); without errors (None, or only 0 and 1) the noise
+        comes from the flux itself. `rchi2` and `converged` say which fits to trust; latent labels are left out.
         """
         device = self.label_mean.device
         fit = self._fit(torch.as_tensor(flux, device=device), None if weight is None else torch.as_tensor(weight, device=device))
@@ -261,7 +265,7 @@ class EmulatorRegressor(SpectrumRegressor):
         """(labels, formal errors) in physical units: every emulator fit has errors."""
         return self.predict_with_sigma(flux, weight)
 
-    # -- preparing a fit: templates, starting flux, typical weight --------------------------------
+    # -- preparing a fit: templates and the starting flux ---------------------------------------------
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError(f"the emulator trains and fits on one device; set trainer.devices=1 (this run has "
@@ -282,7 +286,7 @@ class EmulatorRegressor(SpectrumRegressor):
 
     @torch.no_grad()
     def _prepare(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor) -> None:
-        """Templates from the training labels, the typical pixel weight and (mlp) the mean flux as the output bias."""
+        """Templates from the training labels and (mlp) the weighted mean training flux as the output layer's bias."""
         labels = labels[torch.isfinite(labels).all(1)].float()
         if not len(labels):
             raise ConfigError("no training spectrum has every label of data.labels; the emulator needs them all")
@@ -292,8 +296,6 @@ class EmulatorRegressor(SpectrumRegressor):
         self.template_labels.zero_()
         self.template_labels[:, : chosen.shape[1]] = chosen
         weight = weight.to(self.device).float()
-        used = weight[weight > 0]
-        self.typical_weight.fill_(float(used.median()) if len(used) else 1.0)
         if self.kind == "mlp":
             total = weight.sum(0)
             mean = torch.where(total > 0, (weight * flux.to(weight)).sum(0) / total.clamp(min=1e-30), torch.ones_like(total))

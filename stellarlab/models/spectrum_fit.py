@@ -42,7 +42,7 @@ class FitResult:
 
     labels: torch.Tensor  # (B, L) best fit
     sigma: torch.Tensor  # (B, L) formal errors sqrt(diag((J^T C^-1 J)^-1)), C with the intrinsic scatter
-    chi2: torch.Tensor  # (B,) float64
+    chi2: torch.Tensor  # (B,) of the pixels (a prior's term left out), float64
     n_pixels: torch.Tensor  # (B,) pixels with C^-1 > 0
     converged: torch.Tensor  # (B,) bool: the stopping rule was met within the iterations allowed
     iterations: torch.Tensor  # (B,) LM iterations taken by the kept start
@@ -179,6 +179,8 @@ def levenberg_marquardt(emulate: Emulator, flux: torch.Tensor, cinv: torch.Tenso
         iterations[rows] += 1
     at_bound = ((x <= low) | (x >= high)) & (high > low)
     n_pixels = (cinv > 0).sum(1)
+    if prior is not None:  # the goodness of fit is the pixels' chi-square; the prior only steered the search
+        chi2 = chi2 - (prior * x.to(wide) ** 2).sum(1)
     return FitResult(x, formal_errors(a).to(x.dtype), chi2, n_pixels, converged, iterations, at_bound)
 
 

@@ -1,0 +1,307 @@
+"""model=emulator and model=cannon: the label fit recovers, bounds and flags; The Cannon is least squares; train.py end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from stellarlab.errors import ConfigError
+from stellarlab.models.cannon import fit_quadratic, quadratic_design
+from stellarlab.models.emulator import EmulatorRegressor
+from stellarlab.models.spectrum_fit import fit_scatter
+from tests.conftest import ROOT, TINY, compose_config
+
+LABELS = ["teff", "logg", "fe_h"]
+MEAN, STD = [4800.0, 2.5, -0.2], [700.0, 1.2, 0.4]
+LOW, HIGH = [3500.0, 0.0, -2.0], [6500.0, 5.0, 0.5]
+IVAR = 1e4  # SNR 100 on a continuum of 1
+
+
+def emulator(n_pixels: int = 300, seed: int = 0, **kwargs) -> EmulatorRegressor:
+    """A small untrained emulator: its random network is a smooth, non-degenerate labels -> flux map to fit."""
+    torch.manual_seed(seed)
+    kwargs = {"hidden_sizes": [32, 32], "latent_dims": 0, "fit_templates": 64, **kwargs}
+    model = EmulatorRegressor(n_pixels, LABELS, label_mean=MEAN, label_std=STD, label_min=LOW, label_max=HIGH, **kwargs)
+    if model.kind == "mlp":
+        with torch.no_grad():  # absorption-like depths of a few percent around the continuum
+            model.net.out.weight.mul_(0.3)
+            model.net.out.bias.fill_(0.9)
+            if model.latent_dims:  # a latent response the spectra pin down, as a trained one: the N(0,1) prior then barely pulls
+                model.net.basis.mul_(30)
+    low, high, _ = model._bounds()
+    low, high = low[:3], high[:3]
+    labels = low + (high - low) * torch.rand(500, 3, generator=torch.Generator().manual_seed(seed))
+    model._prepare(labels, torch.ones(2, n_pixels), torch.full((2, n_pixels), IVAR))
+    return model.eval()
+
+
+def inside(model, n: int, seed: int = 1, margin: float = 0.1) -> torch.Tensor:
+    """Standardised labels well inside the training range."""
+    low, high, _ = model._bounds()
+    low, high = low[:3], high[:3]
+    u = torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+    return low + (high - low) * (margin + (1 - 2 * margin) * u)
+
+
+def physical(model, x):
+    return x * model.label_std + model.label_mean
+
+
+# -- the fit ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("latent_dims", [0, 1])
+def test_the_fit_recovers_the_labels_of_noise_free_emulator_spectra(latent_dims):
+    model = emulator(latent_dims=latent_dims, fit_tolerance=1e-6, fit_starts=3)
+    x = inside(model, 40)
+    latent = None if not latent_dims else torch.linspace(-1.5, 1.5, 40)[:, None]
+    with torch.no_grad():
+        flux = model.emulate(x, latent)
+        fit = model.fit_spectra(flux, torch.full_like(flux, IVAR))
+    assert fit.converged.all()
+    standardised = (fit.labels - model.label_mean) / model.label_std
+    np.testing.assert_allclose(standardised.numpy(), x.numpy(), atol=1e-3)
+    assert (fit.rchi2 < 1e-3).all()  # the emulator describes its own spectra: chi2 ~ 0
+    assert (fit.sigma > 0).all() and torch.isfinite(fit.sigma).all()
+
+
+def test_formal_errors_match_the_scatter_of_repeated_noisy_fits_of_one_spectrum():
+    model = emulator(seed=2, scatter=False)
+    x = inside(model, 1, seed=3)
+    rng = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        clean = model.emulate(x)
+        noisy = clean + torch.randn(600, clean.shape[1], generator=rng) / IVAR**0.5
+        fit = model.fit_spectra(noisy, torch.full_like(noisy, IVAR))
+    assert fit.converged.all()
+    spread = fit.labels.std(0)
+    formal = fit.sigma.median(0).values
+    np.testing.assert_allclose(spread.numpy(), formal.numpy(), rtol=0.1)  # 600 fits: std known to ~3 %
+    truth = physical(model, x)[0]
+    assert ((fit.labels.mean(0) - truth).abs() < 4 * formal / 600**0.5).all()  # unbiased
+    z = (fit.labels - truth) / fit.sigma
+    assert 0.63 < float((z.abs() < 1).float().mean()) < 0.73
+    assert 0.85 < float(fit.rchi2.median()) < 1.15
+
+
+def test_labels_stay_inside_the_training_range():
+    model = emulator(seed=5)
+    low, high, _ = model._bounds()
+    x = inside(model, 6, seed=6)
+    x[:3, 0] = high[0] + 0.8  # hotter than any training star
+    x[3:, 1] = low[1] - 0.8  # log g below the training range
+    with torch.no_grad():
+        flux = model.emulate(x)
+        fit = model.fit_spectra(flux, torch.full_like(flux, IVAR))
+    lo, hi = torch.tensor(LOW), torch.tensor(HIGH)
+    assert ((fit.labels >= lo - 1e-3) & (fit.labels <= hi + 1e-3)).all()
+    np.testing.assert_allclose(fit.labels[:3, 0].numpy(), HIGH[0], rtol=1e-6)
+    np.testing.assert_allclose(fit.labels[3:, 1].numpy(), LOW[1], atol=1e-5)
+    assert fit.at_bound[:3, 0].all() and fit.at_bound[3:, 1].all()
+    assert not fit.at_bound[:, 2].any()
+
+
+def test_a_fit_that_ran_out_of_iterations_or_a_spectrum_of_noise_is_flagged():
+    model = emulator(seed=7, fit_starts=1, fit_tolerance=1e-6)
+    x = inside(model, 20, seed=8)
+    with torch.no_grad():
+        flux = model.emulate(x)
+        weight = torch.full_like(flux, IVAR)
+        model.fit_settings["max_iter"] = 1
+        short = model.fit_spectra(flux, weight)
+        model.fit_settings["max_iter"] = 30
+        full = model.fit_spectra(flux, weight)
+        noise = 1 + torch.randn(5, flux.shape[1], generator=torch.Generator().manual_seed(9)) * 0.2
+        junk = model.fit_spectra(noise, torch.full_like(noise, IVAR))
+    assert not short.converged.any() and (short.iterations == 1).all()
+    assert full.converged.all()
+    assert (junk.rchi2 > 50).all()  # no label fits a spectrum of pure noise: the goodness of fit says so
+
+
+def test_spectra_without_errors_get_their_noise_from_the_flux():
+    model = emulator(n_pixels=3000, seed=10, scatter=False)
+    x = inside(model, 30, seed=11)
+    with torch.no_grad():  # lines several pixels wide, as in real spectra (DER_SNR reads the noise off neighbours)
+        w = model.net.out.weight
+        w.copy_(torch.nn.functional.avg_pool1d(w.T[None], 31, stride=1, padding=15, count_include_pad=False)[0].T * 5)
+        clean = model.emulate(x)
+        noisy = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(12)) * 0.01
+        given = model.fit_spectra(noisy, torch.full_like(noisy, IVAR))
+        guessed = model.fit_spectra(noisy)  # no weights: DER_SNR on the flux
+    # the same minimum (weights differ by a factor per spectrum), stopped within the tolerance of it
+    assert ((guessed.labels - given.labels).abs() < 0.2 * given.sigma).all()
+    ratio = (guessed.sigma / given.sigma).numpy()  # DER_SNR reads a little signal as noise where lines are sharp
+    assert 0.9 < np.median(ratio) < 1.2 and 0.7 < ratio.min() and ratio.max() < 1.6
+
+
+def test_predict_and_the_base_contract_give_the_fit():
+    model = emulator(seed=13)
+    x = inside(model, 4, seed=14)
+    with torch.no_grad():
+        flux = model.emulate(x)
+        fit = model.fit_spectra(flux, torch.full_like(flux, IVAR))
+        np.testing.assert_allclose(model(flux, torch.full_like(flux, IVAR)).numpy(), x.numpy(), atol=1e-3)
+    out = model.predict(flux.numpy(), np.full(flux.shape, IVAR, dtype=np.float32))
+    np.testing.assert_allclose(out["teff"], fit.labels[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["logg_sigma"], fit.sigma[:, 1].numpy(), rtol=1e-5)
+
+
+def test_a_checkpointed_state_predicts_the_same():
+    model = emulator(seed=15, latent_dims=1)
+    fresh = EmulatorRegressor(300, LABELS, hidden_sizes=[32, 32], latent_dims=1, fit_templates=64,
+                              label_mean=MEAN, label_std=STD, label_min=LOW, label_max=HIGH).eval()
+    fresh.load_state_dict(model.state_dict())
+    flux = model.emulate(inside(model, 5, seed=16)).detach()
+    weight = torch.full_like(flux, IVAR)
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh.fit_spectra(flux, weight).labels.numpy(), model.fit_spectra(flux, weight).labels.numpy())
+
+
+# -- The Cannon ---------------------------------------------------------------------------------------
+def cannon_problem(n=80, p=12, seed=0, scatter=0.0):
+    rng = np.random.default_rng(seed)
+    labels = rng.normal(size=(n, 3))
+    design = quadratic_design(torch.as_tensor(labels)).numpy()
+    theta = rng.normal(scale=0.05, size=(p, design.shape[1]))
+    theta[:, 0] = 0.9
+    weight = rng.uniform(0.5, 2.0, size=(n, p)) * IVAR
+    flux = design @ theta.T + rng.normal(size=(n, p)) * np.sqrt(1 / weight + scatter**2)
+    weight[rng.random((n, p)) < 0.05] = 0.0  # missing pixels
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return as_t(labels), as_t(flux), as_t(weight), design
+
+
+def test_the_quadratic_model_is_the_weighted_least_squares_solution_of_its_design_matrix():
+    labels, flux, weight, _ = cannon_problem()
+    theta, s2 = fit_quadratic(labels, flux, weight, scatter=False)
+    design = quadratic_design(labels.double()).numpy()
+    assert (s2 == 0).all()
+    for p in range(flux.shape[1]):
+        root = np.sqrt(weight[:, p].double().numpy())
+        expected = np.linalg.lstsq(design * root[:, None], flux[:, p].double().numpy() * root, rcond=None)[0]
+        np.testing.assert_allclose(theta[p].numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_cannon_scatter_is_the_likelihood_optimum_and_theta_the_least_squares_at_it():
+    labels, flux, weight, _ = cannon_problem(n=2000, p=6, seed=1, scatter=0.02)
+    theta, s2 = fit_quadratic(labels, flux, weight, scatter=True)
+    np.testing.assert_allclose(s2.sqrt().numpy(), 0.02, rtol=0.1)
+    design = quadratic_design(labels.double()).numpy()
+    for p in range(flux.shape[1]):
+        c = weight[:, p].double().numpy() / (1 + weight[:, p].double().numpy() * float(s2[p]))
+        expected = np.linalg.lstsq(design * np.sqrt(c)[:, None], flux[:, p].double().numpy() * np.sqrt(c), rcond=None)[0]
+        np.testing.assert_allclose(theta[p].numpy(), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_fit_scatter_finds_the_extra_variance_and_zero_where_there_is_none():
+    rng = np.random.default_rng(2)
+    weight = np.full((4000, 3), IVAR)
+    extra = np.array([0.0, 0.01, 0.03])
+    resid = rng.normal(size=weight.shape) * np.sqrt(1 / weight + extra**2)
+    s2 = fit_scatter(torch.as_tensor(resid, dtype=torch.float32), torch.as_tensor(weight, dtype=torch.float32))
+    assert float(s2[0]) < 1e-5  # within the sampling noise of 4000 residuals' variance (1e-4 +- 2 %)
+    np.testing.assert_allclose(s2[1:].sqrt().numpy(), extra[1:], rtol=0.06)
+
+
+def test_a_cannon_emulator_fits_its_own_spectra():
+    model = emulator(kind="quadratic", seed=17, fit_tolerance=1e-6)
+    with torch.no_grad():
+        model.net.theta.normal_(0, 0.02, generator=torch.Generator().manual_seed(18))
+        model.net.theta[:, 0] = 0.9
+        x = inside(model, 10, seed=19)
+        flux = model.emulate(x)
+        fit = model.fit_spectra(flux, torch.full_like(flux, IVAR))
+    np.testing.assert_allclose(fit.labels.numpy(), physical(model, x).numpy(), rtol=1e-3)
+
+
+# -- options ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "payne"}, r"^model\.kind=payne is not valid; valid values: mlp, quadratic$"),
+        ({"latent_dims": -1}, r"^model\.latent_dims=-1 is not valid: it must be an integer >= 0 or null; e\.g\. model\.latent_dims=1$"),
+        ({"latent_dims": 1.5}, r"^model\.latent_dims=1\.5 is not valid"),
+        ({"kind": "quadratic", "latent_dims": 2}, r"^model\.latent_dims=2: kind=quadratic \(The Cannon\) is quadratic in the labels alone"),
+        ({"scatter": "yes"}, r"^model\.scatter=yes is not valid: it must be true or false"),
+        ({"fit_starts": 0}, r"^model\.fit_starts=0 is not valid: it must be an integer >= 1"),
+        ({"fit_templates": 2.5}, r"^model\.fit_templates=2\.5 is not valid: it must be an integer >= 1"),
+        ({"fit_starts": 8, "fit_templates": 4}, r"^model\.fit_starts=8 is more than model\.fit_templates=4"),
+        ({"fit_iterations": 0}, r"^model\.fit_iterations=0 is not valid: it must be an integer >= 1"),
+        ({"fit_tolerance": 0}, r"^model\.fit_tolerance=0 is not valid: it must be a number > 0"),
+        ({"hidden_sizes": [0]}, r"^model\.hidden_sizes=\[0\] is not valid"),
+        ({"activation": "sigmoidish"}, r"^unknown activation 'sigmoidish'"),
+        ({"loss": "gaussian_nll"}, r"^model\.loss=gaussian_nll: the emulator trains on the chi-square of the flux"),
+    ],
+)
+def test_bad_options_are_one_line_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        EmulatorRegressor(10, LABELS, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, match", [("model.kind=cannon", "model.kind=cannon is not valid"),
+                                             ("model.fit_tolerance=-1", "model.fit_tolerance=-1 is not valid")])
+def test_the_config_check_refuses_bad_options_before_training(override, match, tmp_path):
+    from stellarlab.run.validation import validate_train_config
+
+    with pytest.raises(ConfigError, match=match):
+        validate_train_config(compose_config(["model=emulator", override], tmp_path=tmp_path))
+
+
+def test_both_configs_build_the_emulator_and_it_reads_the_pixel_weights(tmp_path):
+    import hydra
+
+    for name, kind, latent in (("emulator", "mlp", 1), ("cannon", "quadratic", 0)):
+        cfg = compose_config([f"model={name}"], tmp_path=tmp_path)
+        model = hydra.utils.instantiate(cfg.model, n_pixels=50, label_names=LABELS, optimizer=cfg.optimizer)
+        assert isinstance(model, EmulatorRegressor) and model.kind == kind and model.latent_dims == latent
+        assert model.batch_keys == ("flux", "weight", "labels")
+
+
+# -- end to end through train.py, eval.py and predict.py -------------------------------------------------
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, extra", [("cannon", []), ("emulator", ["trainer.max_epochs=3"])])
+def test_train_eval_and_predict_end_to_end(model, extra, tmp_path, warm_cache):
+    tiny = [o for o in TINY if not o.startswith("trainer.max_epochs")]
+    out = _run("train.py", f"model={model}", *tiny, *extra, f"paths.log_dir={tmp_path}/out", f"paths.cache_dir={warm_cache}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = next((tmp_path / "out" / "train" / "runs").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "ok"
+    assert set(metrics["calibration"]) == set(LABELS)  # formal errors go through the calibration report
+    assert set(metrics["crlb"]) == set(LABELS)
+    if model == "cannon":
+        assert metrics["epochs"] == 1
+    predictions = np.genfromtxt(run / "test_predictions.csv", delimiter=",", names=True)
+    assert np.isfinite(predictions["teff_sigma"]).all() and (predictions["teff_sigma"] > 0).all()
+    ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
+
+    evaluated = _run("eval.py", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path}/eval", f"paths.cache_dir={warm_cache}",
+                     "trainer.accelerator=cpu")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(next((tmp_path / "eval").rglob("metrics.json")).read_text())
+    for label in LABELS:
+        assert again["test"][label]["rmse"] == pytest.approx(metrics["test"][label]["rmse"], rel=1e-5)
+
+    from astropy.table import Table
+
+    from stellarlab.data.synthetic import SyntheticDataModule
+
+    dm = SyntheticDataModule(n_stars=600, split=[0.7, 0.15, 0.15], cache_dir=str(warm_cache / "synthetic"))
+    dm.setup()
+    np.save(tmp_path / "flux.npy", dm.tensors["test"]["flux"].numpy()[:5])
+    np.save(tmp_path / "flux_ivar.npy", dm.tensors["test"]["weight"].numpy()[:5])  # read beside the flux
+    predicted = _run("predict.py", f"ckpt_path={ckpt}", f"input={tmp_path / 'flux.npy'}", f"paths.log_dir={tmp_path}/pred")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    catalog = Table.read(next((tmp_path / "pred").rglob("predictions.csv")), format="ascii.csv")
+    assert len(catalog) == 5
+    for label in LABELS:  # the test step's fits, errors included
+        assert (np.abs(catalog[label.upper()] - predictions[f"{label}_pred"][:5]) < 0.01 * predictions[f"{label}_sigma"][:5]).all()
+        np.testing.assert_allclose(catalog[f"{label.upper()}_ERR"], predictions[f"{label}_sigma"][:5], rtol=1e-3)
