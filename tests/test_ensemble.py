@@ -91,3 +91,26 @@ def test_bad_ensemble_options_are_one_line(ensemble_runs, tmp_path):
         proc, _ = _eval(*args, log_dir=tmp_path / "bad")
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
+
+
+def test_predict_with_an_ensemble_and_with_mc_dropout(ensemble_runs, tmp_path):
+    """The catalogue of an ensemble: the members' mean, total sigma >= spread, the spread in its own column with
+    the label's unit, the members named in the provenance; MC dropout the same from one model."""
+    from astropy.table import Table
+
+    rng = np.random.default_rng(0)
+    flux = (1 - 0.3 * rng.random((12, 8575))).astype(np.float32)
+    np.save(tmp_path / "spectra.npy", flux)
+    members = _members(ensemble_runs)
+    for name, args in (("ens", [f"ckpt_path={ensemble_runs}"]), ("mc", [f"ckpt_path={members[0]}", "mc_dropout=5"])):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "predict.py", *args, f"input={tmp_path / 'spectra.npy'}",
+                               f"output_dir={out}", "progress=false"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        table = Table.read(out / "predictions.fits")
+        assert str(table["TEFF_SPREAD"].unit) == "K" and str(table["LOGG_SPREAD"].unit) == "dex"
+        spread, total = np.asarray(table["TEFF_SPREAD"]), np.asarray(table["TEFF_ERR"])
+        assert (spread > 0).all() and (total >= spread - 1e-3).all()
+        meta = json.loads((out / "predictions.json").read_text())["provenance"]["ensemble"]
+        expected = [str(m.resolve()) for m in members] if name == "ens" else [str(members[0].resolve())]
+        assert meta["members"] == expected and meta["mc_dropout"] == (5 if name == "mc" else 0)

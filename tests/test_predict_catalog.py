@@ -247,7 +247,7 @@ def test_streamed_blocks_give_the_in_memory_predictions_in_input_order(tmp_path)
     np.save(tmp_path / "b.npy", flux[37:])
     files = prediction.find_inputs(str(tmp_path), "auto")
     tasks = prediction.file_tasks(files, "auto", {}, apogee_wavelength(), None, 16, 32, [])
-    result = prediction.stream_predictions(model, tasks, batch_size=16, tolerance=0.2, workers=1, progress=False)
+    result = prediction.stream_predictions(model, tasks, batch_size=16, trust=0.2, workers=1, progress=False)
     ids, values = result.columns.joined()
     assert ids["id"].tolist() == [f"a:{i}" for i in range(37)] + [f"b:{i}" for i in range(13)]
     labels, _ = prediction.predict(model, flux, 64)
@@ -268,7 +268,7 @@ def test_a_corrupt_file_in_a_folder_is_skipped_and_listed_and_strict_lists_them_
     files = prediction.find_inputs(str(folder), "auto")
     result = prediction.Pass()
     tasks = prediction.file_tasks(files, "auto", {}, apogee_wavelength(), None, 1024, 2, result.skipped)
-    prediction.stream_predictions(model, tasks, batch_size=64, tolerance=0.2, workers=2, progress=False, result=result)
+    prediction.stream_predictions(model, tasks, batch_size=64, trust=0.2, workers=2, progress=False, result=result)
     ids, _ = result.columns.joined()
     assert ids["APOGEE_ID"].tolist() == ["2M1", "2M2"]
     skipped = {Path(s["file"]).name: s["error"] for s in result.skipped}

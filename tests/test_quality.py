@@ -1,7 +1,9 @@
 """Trust in a prediction: the training domain a model carries (unlikeness score, SNR), the FLAG bits, ensembles
 and MC dropout."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from stellarlab.data.synthetic import SyntheticDataModule
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.models.mlp import MLPRegressor
-from stellarlab.models.quality import TrainingDomain, der_snr_noise, domain_of, noise_weight, sample_rows, spectrum_snr
+from stellarlab.models.quality import TrainingDomain, der_snr_noise, domain_of, noise_weight, sample_rows, snr_estimate
 from stellarlab.results import ensemble, flags
 from tests.conftest import REAL_APSTAR
 
@@ -65,8 +67,10 @@ def test_inputs_without_errors_are_scored_on_the_same_scale(survey, domain):
 
 def test_snr_and_domain_numbers(survey, domain):
     flux, weight = sample_rows(survey.split_arrays("test"))
-    snr = spectrum_snr(flux, weight)
-    assert float(snr.median()) == pytest.approx(100, rel=0.05)
+    snr = snr_estimate(flux.numpy(), weight.numpy())
+    assert float(np.median(snr)) == pytest.approx(100, rel=0.05)
+    no_errors = snr_estimate(flux.numpy(), (weight > 0).float().numpy())  # flux only: the noise from the flux
+    assert 70 < float(np.median(no_errors)) < 110
     assert 90 < domain.snr_min < 100
     assert domain.usable_median == 7514  # the detector pixels of the 8575-pixel grid
     empty = domain.score(torch.ones(1, flux.shape[1]), torch.zeros(1, flux.shape[1]))
@@ -90,7 +94,8 @@ def test_flag_column_bits_and_header():
     assert flags.describe(counts, 4) == "2 of 4 spectra flagged: FEW_PIXELS 1, UNLIKE_TRAINING 2"
     assert flags.names_of(5) == ["FEW_PIXELS", "UNLIKE_TRAINING"]
     cards = flags.header_cards()
-    assert cards[0][:2] == ("FLAGBIT0", "FEW_PIXELS") and all(len(c[2]) <= 47 for c in cards)
+    assert cards["FLAGBIT0"] == "FEW_PIXELS: too few usable pixels (labels masked)"
+    assert list(cards) == [f"FLAGBIT{i}" for i in range(6)] and all(len(v) <= 68 for v in cards.values())
 
 
 def test_combine_members():
@@ -160,3 +165,67 @@ def test_every_checkpoint_of_a_run_carries_its_training_domain(trained_run, surv
     assert all(d is not None for d in domains)
     assert torch.equal(domains[0].components, domains[1].components)
     assert domains[0].threshold == pytest.approx(domain_of(survey).threshold, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_flags_foreign_spectra_and_masks_empty_ones(trained_run, survey, tmp_path):
+    """predict.py on a folder: held-out test spectra of the training survey mostly pass, the same spectra with a
+    radial velocity left in and a real APOGEE star are flagged UNLIKE_TRAINING, a spectrum with few usable
+    pixels gets FEW_PIXELS and masked labels; the bits are named in the FITS header."""
+    import shutil
+    import subprocess
+    import sys
+
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from tests.conftest import ROOT
+
+    test = survey.split_arrays("test")
+    flux, weight = test["flux"].numpy(), test["weight"].numpy()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    np.save(inputs / "test.npy", flux)
+    np.save(inputs / "test_ivar.npy", weight)
+    np.save(inputs / "shifted.npy", np.roll(flux[:20], 2, axis=1))
+    np.save(inputs / "shifted_ivar.npy", weight[:20])
+    sparse = weight[:3].copy()
+    sparse[:, 800:] = 0  # about a tenth of the pixels left
+    np.save(inputs / "sparse.npy", flux[:3])
+    np.save(inputs / "sparse_ivar.npy", sparse)
+    shutil.copy(REAL_APSTAR, inputs / REAL_APSTAR.name)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "predict.py", f"ckpt_path={trained_run['ckpt']}", f"input={inputs}",
+                           f"output_dir={out}", "progress=false"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = Table.read(out / "predictions.fits")
+    source = np.array([Path(f).stem for f in table["FILE"]])
+    flag = np.asarray(table["FLAG"])
+    unlike = (flag & flags.Flag.UNLIKE_TRAINING) != 0
+    assert unlike[source == "test"].mean() <= 0.05
+    assert unlike[source == "shifted"].mean() >= 0.9
+    assert unlike[source == REAL_APSTAR.stem].all()
+    few = source == "sparse"
+    assert ((flag[few] & flags.Flag.FEW_PIXELS) != 0).all() and table["TEFF"].mask[few].all()
+    assert not table["TEFF"].mask[source == "test"].any()
+    assert np.isfinite(np.asarray(table["UNLIKENESS"])[source == "test"]).all()
+    header = fits.getheader(out / "predictions.fits", 1)
+    assert header["FLAGBIT2"].startswith("UNLIKE_TRAINING")
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["flags"]["FEW_PIXELS"] == 3 and summary["flags"]["UNLIKE_TRAINING"] >= 21
+
+
+def test_bad_trust_settings_are_one_line():
+    from omegaconf import OmegaConf
+
+    from stellarlab.commands.predict import trust_settings
+
+    good = trust_settings(OmegaConf.create({}), 0.2)
+    assert (good.min_usable_fraction, good.disagreement_factor, good.max_reduced_chi2, good.mc_dropout) == (0.5, 2.0, 3.0, 0)
+    for key, value, message in (("min_usable_fraction", 1.5, "min_usable_fraction=1.5 is not valid"),
+                                ("disagreement_factor", 0, "disagreement_factor=0 is not valid"),
+                                ("max_reduced_chi2", "big", "max_reduced_chi2=big is not valid"),
+                                ("mc_dropout", -3, "mc_dropout=-3 is not valid"),
+                                ("mc_dropout", 2.5, "mc_dropout=2.5 is not valid")):
+        with pytest.raises(ConfigError, match=message):
+            trust_settings(OmegaConf.create({key: value}), 0.2)

@@ -98,15 +98,26 @@ def run_predict(cfg: DictConfig) -> dict:
 
     from stellarlab.data.surveys import catalog_names
     from stellarlab.errors import DataError
-    from stellarlab.results import catalog, prediction
+    from stellarlab.results import catalog, ensemble, flags, prediction
     from stellarlab.run.validation import predict_settings
 
     device, batch_size, tolerance = predict_settings(cfg)  # before the checkpoint is read: one line, no traceback
     opts = options(cfg)
-    model, checkpoint = prediction.load_checkpoint(cfg.ckpt_path, map_location="cpu")
+    trust = trust_settings(cfg, tolerance)
+    members = ensemble.member_checkpoints(cfg.ckpt_path)
+    loaded = [prediction.load_checkpoint(m, map_location="cpu") for m in members]
+    models = [m for m, _ in loaded]
+    ensemble.check_members_agree(models, members, [prediction.preprocessing_of(c) for _, c in loaded])
+    for member in models:
+        ensemble.check_mc_dropout(member, trust.mc_dropout)
+    model, checkpoint = loaded[0]
     preprocessing = prediction.preprocessing_of(checkpoint)
     if device not in ("cpu", "auto"):
-        model = model.to(device)
+        models = [m.to(device) for m in models]
+        model = models[0]
+    if model.training_domain is None:
+        log.warning("the checkpoint predates saved training statistics: no UNLIKENESS score, no UNLIKE_TRAINING or LOW_SNR "
+                    "flags (retrain to get them)")
     prediction.outside_training_range(model, np.empty((0, len(model.label_names))), tolerance)  # the old-checkpoint note, once
     wavelength = model.wavelength.cpu().double().numpy()
     result = prediction.Pass()
@@ -128,7 +139,7 @@ def run_predict(cfg: DictConfig) -> dict:
         tasks = prediction.file_tasks(files, cfg.format, preprocessing, wavelength, cfg.input_wavelength,
                                       min(batch_size, prediction.READ_ROWS), opts["chunk_size"], result.skipped)
         source = f"input={OmegaConf.to_container(cfg.input) if OmegaConf.is_list(cfg.input) else cfg.input}"
-    prediction.stream_predictions(model, tasks, batch_size=batch_size, tolerance=tolerance, workers=opts["workers"],
+    prediction.stream_predictions(models, tasks, batch_size=batch_size, trust=trust, workers=opts["workers"],
                                   progress=opts["progress"], result=result)
     _check_pass(result, opts["strict"])
     if result.columns.n_rows == 0 or result.n_usable == 0:
@@ -137,8 +148,15 @@ def run_predict(cfg: DictConfig) -> dict:
     style, names = catalog_names(preprocessing)
     ids, values = result.columns.joined()
     n = len(next(iter(values.values())))
-    meta = {**catalog.provenance(cfg.ckpt_path, model, preprocessing, style, source), "n_spectra": n,
+    meta = {**catalog.provenance(members[0], model, preprocessing, style, source), "n_spectra": n,
             "n_skipped": len(result.skipped)}
+    if len(members) > 1 or trust.mc_dropout:
+        meta["ensemble"] = {"members": [str(m.resolve()) for m in members],
+                            "sha256": [catalog.sha256_of(m) for m in members], "mc_dropout": trust.mc_dropout}
+    meta.update(flags.header_cards())
+    flag_counts = flags.summary(values["flag"])
+    log.info("%s (FLAG bits: %s)", flags.describe(flag_counts, n), ", ".join(f"{1 << flags.bit_number(f)} {f.name}"
+                                                                          for f in flags.Flag))
     start = time.perf_counter()
     table = catalog.build_table(ids, values, model.label_names, names, meta)
     paths = catalog.write_catalog(table, cfg.output_dir, formats=opts["formats"])
@@ -155,7 +173,7 @@ def run_predict(cfg: DictConfig) -> dict:
                "n_outside": int(outside.any(axis=1).sum()), "seconds": round(result.seconds, 3),
                "write_seconds": round(write_seconds, 3), "figure_seconds": round(figure_seconds, 3),
                "spectra_per_second": round(rate, 1), "catalog": {k: str(v) for k, v in paths.items()}, "figures": [str(f) for f in figures],
-               "provenance": meta}
+               "flags": flag_counts, "provenance": meta}
     if "split" in values:
         summary["split"] = {str(k): int(v) for k, v in zip(*np.unique(values["split"], return_counts=True))}
     json_path = catalog.write_summary(cfg.output_dir, summary)
@@ -164,6 +182,23 @@ def run_predict(cfg: DictConfig) -> dict:
              len(result.skipped), ", ".join(str(p) for p in [*paths.values(), json_path]))
     return {"n_spectra": n, "n_skipped": len(result.skipped), "n_outside": summary["n_outside"], "json": str(json_path),
             **{k: str(v) for k, v in paths.items()}}
+
+
+def trust_settings(cfg: DictConfig, tolerance: float):
+    """The quality-flag and model-uncertainty settings of predict.yaml, each checked by its rule."""
+    from stellarlab.checks import Number, _plain
+    from stellarlab.results.prediction import Trust
+
+    values = {}
+    for key, rule in (("min_usable_fraction", Number(minimum=0, maximum=1, example="min_usable_fraction=0.5")),
+                      ("disagreement_factor", Number(above=0, example="disagreement_factor=2")),
+                      ("max_reduced_chi2", Number(above=0, example="max_reduced_chi2=3")),
+                      ("mc_dropout", Number(minimum=0, integer=True, allow_null=True, example="mc_dropout=20"))):
+        value = _plain(cfg.get(key, getattr(Trust, key)))
+        rule.check(key, value)
+        values[key] = value
+    values["mc_dropout"] = int(values["mc_dropout"] or 0)
+    return Trust(tolerance=tolerance, **{k: v if k == "mc_dropout" else float(v) for k, v in values.items()})
 
 
 def _figures(values: dict, label_names, out_dir) -> list:

@@ -60,11 +60,33 @@ def noise_weight(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def spectrum_snr(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Median flux * sqrt(inverse variance) over the usable pixels (NaN for a spectrum without one)."""
-    w = noise_weight(flux, weight)
-    snr = torch.where(w > 0, flux * w.clamp(min=0).sqrt(), torch.nan)
-    return torch.nanmedian(snr, dim=1).values
+#: Pixels of each spectrum the SNR median is taken over (a regular subsample).
+SNR_PIXELS = 1024
+
+
+def snr_estimate(flux: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """(N,) median of |flux| * sqrt(ivar) over each spectrum's usable pixels (the noise from `der_snr_noise` for a
+    spectrum given without errors); NaN for one without any usable pixel.
+
+    Taken over a regular subsample of about SNR_PIXELS pixels (a median of a thousand values is as good a noise
+    level as one of eight thousand, at an eighth of the cost), where pixels without data are filled with -inf and
+    +inf alternately, so that one selection of the same rank in every row (np.partition, many times faster than a
+    NaN-aware median) lands on the usable pixels' median (within a rank: runs of bad pixels split evenly)."""
+    flux, weight = np.asarray(flux, dtype=np.float32), np.asarray(weight, dtype=np.float32)
+    binary = ((weight == 0) | (weight == 1)).all(axis=1)
+    if binary.any():
+        weight = weight.copy()
+        weight[binary] = noise_weight(torch.from_numpy(flux[binary]), torch.from_numpy(weight[binary])).numpy()
+    step = max(1, flux.shape[1] // SNR_PIXELS)
+    flux, weight = flux[:, ::step], weight[:, ::step]
+    usable = weight > 0
+    fill = np.where(np.arange(flux.shape[1]) % 2 == 0, -np.inf, np.inf).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        ratio = np.where(usable, np.abs(flux) * np.sqrt(np.maximum(weight, np.float32(0.0))), fill)
+    middle = (ratio.shape[1] - 1) // 2
+    out = np.partition(ratio, middle, axis=1)[:, middle].astype(np.float32) if ratio.shape[1] else np.full(len(flux), np.nan, np.float32)
+    out[~usable.any(axis=1)] = np.nan
+    return out
 
 
 @dataclass
@@ -96,8 +118,8 @@ class TrainingDomain:
         finally:
             torch.random.set_rng_state(generator_state)
         domain = cls(mean, v[:, :k].T.contiguous(), math.inf, 0.0, float(usable.sum(1).float().median()))
-        snr = spectrum_snr(flux, weight)
-        domain.snr_min = float(torch.nan_to_num(snr, nan=math.inf).min())
+        snr = snr_estimate(flux.numpy(), weight.numpy())
+        domain.snr_min = float(np.nanmin(snr)) if np.isfinite(snr).any() else 0.0
         calib_flux, calib_weight = train if val is None or not len(val[0]) else val
         scores = domain.score(calib_flux.float().cpu(), calib_weight.float().cpu())
         scores = scores[torch.isfinite(scores)]
@@ -151,5 +173,5 @@ def domain_of(datamodule) -> TrainingDomain | None:
     return TrainingDomain.fit(sample_rows(train), sample_rows(val) if val is not None and len(val["flux"]) else None)
 
 
-__all__ = ["FLAGGED_FRACTION", "N_COMPONENTS", "TrainingDomain", "der_snr_noise", "domain_of", "noise_weight",
-           "spectrum_snr"]
+__all__ = ["FLAGGED_FRACTION", "N_COMPONENTS", "SNR_PIXELS", "TrainingDomain", "der_snr_noise", "domain_of",
+           "noise_weight", "snr_estimate"]

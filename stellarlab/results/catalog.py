@@ -48,6 +48,10 @@ DESCRIPTIONS = {
     "file": "input file", "split": "training split of the star (none: not trained on)",
     "snr": "signal-to-noise per pixel (file header, else median flux*sqrt(ivar))",
     "usable_fraction": "fraction of pixels with data",
+    "flag": "bitmask of reasons not to trust the row (FLAGBITn), 0: none",
+    "unlikeness": "residual vs training spectra per pixel (~1 in domain)",
+    "rchi2": "reduced chi-square of the spectrum fit",
+    "fit_converged": "the spectrum fit converged",
 }
 FORMATS = (".fits", ".csv", ".ecsv")
 TEXT_ROWS = 65536  # rows formatted at a time for CSV/ECSV
@@ -154,7 +158,8 @@ def _description(key: str, label_names: Sequence[str]) -> str:
     label, suffix = _label_key(key, label_names)
     if label is None:
         return DESCRIPTIONS.get(key, key)
-    what = {"": "predicted", "_err": "uncertainty of", "_true": "the data's own", "_outside": "outside training range:"}
+    what = {"": "predicted", "_err": "uncertainty of", "_true": "the data's own", "_outside": "outside training range:",
+            "_spread": "spread across models of"}
     return f"{what.get(suffix, suffix.strip('_'))} {label_display(label)}"
 
 

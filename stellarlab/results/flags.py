@@ -40,9 +40,9 @@ def bit_number(flag: Flag) -> int:
     return int(math.log2(int(flag)))
 
 
-def header_cards() -> list[tuple[str, str, str]]:
-    """(keyword, value, comment) FITS cards naming each bit: FLAGBIT0 = 'FEW_PIXELS' / too few usable pixels ..."""
-    return [(f"FLAGBIT{bit_number(f)}", f.name, DESCRIPTIONS[f][:47]) for f in Flag]
+def header_cards() -> dict[str, str]:
+    """{FLAGBIT<n>: '<NAME>: <what it means>'} for the catalogue's header (FITS) and meta (ECSV)."""
+    return {f"FLAGBIT{bit_number(f)}": f"{f.name}: {DESCRIPTIONS[f]}"[:68] for f in Flag}
 
 
 def flag_column(n: int, **bits: np.ndarray | None) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 from stellarlab.data import surveys
 from stellarlab.data.flux import Block, parallel_results, read_block
 from stellarlab.errors import ConfigError, DataError
+from stellarlab.models.quality import snr_estimate
 from stellarlab.results.catalog import CatalogColumns
 
 log = logging.getLogger(__name__)
@@ -210,48 +211,120 @@ def no_usable_pixel(sources: Sequence[str]) -> DataError:
 
 
 # -- one chunk ---------------------------------------------------------------------------------------
-SNR_PIXELS = 1024  # pixels of each spectrum the SNR median is taken over (a regular subsample)
+@dataclass(frozen=True)
+class Trust:
+    """predict.py's settings for the quality flags and for model uncertainty (conf/predict.yaml)."""
+
+    tolerance: float | None = 0.2  # OUTSIDE_RANGE: beyond the training range widened by this fraction of its width
+    min_usable_fraction: float = 0.5  # FEW_PIXELS: fewer usable pixels than this times a training spectrum's median
+    disagreement_factor: float = 2.0  # MEMBERS_DISAGREE: a member spread above this times the members' own sigma
+    max_reduced_chi2: float = 3.0  # FIT_FAILED: a fitted spectrum's reduced chi-square above this (or no convergence)
+    mc_dropout: int = 0  # passes with dropout on per model (0: off)
 
 
-def snr_estimate(flux: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """(N,) median of |flux| * sqrt(ivar) over each spectrum's usable pixels; NaN for one without any.
-
-    Taken over a regular subsample of about SNR_PIXELS pixels (a median of a thousand values is as good a noise
-    level as one of eight thousand, at an eighth of the cost), where pixels without data are filled with -inf and
-    +inf alternately, so that one selection of the same rank in every row (np.partition, many times faster than a
-    NaN-aware median) lands on the usable pixels' median (within a rank: runs of bad pixels split evenly)."""
-    step = max(1, flux.shape[1] // SNR_PIXELS)
-    flux, weight = flux[:, ::step], weight[:, ::step]
-    usable = weight > 0
-    fill = np.where(np.arange(flux.shape[1]) % 2 == 0, -np.inf, np.inf).astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        ratio = np.where(usable, np.abs(flux) * np.sqrt(np.maximum(weight, np.float32(0.0))), fill)
-    middle = (ratio.shape[1] - 1) // 2
-    out = np.partition(ratio, middle, axis=1)[:, middle].astype(np.float32)
-    out[~usable.any(axis=1)] = np.nan
-    return out
-
-
-def predict_chunk(model, flux: np.ndarray, weight: np.ndarray, batch_size: int = 1024,
-                  tolerance: float | None = None) -> dict[str, np.ndarray]:
+def predict_chunk(models, flux: np.ndarray, weight: np.ndarray, batch_size: int = 1024,
+                  trust: Trust | float | None = None) -> dict[str, np.ndarray]:
     """Every catalogue column of one chunk of spectra, under stellarlab's names, each an (N,) array.
 
-    `<label>` (physical units), `<label>_err` (the model's sigma; NaN for a model without one), with `tolerance`
-    `<label>_outside` (outside the training range widened by `tolerance` of its width, or not finite),
-    `snr` (median flux * sqrt(ivar) over usable pixels) and `usable_fraction`. The one per-chunk step of
-    predict.py: a new per-spectrum quantity is one more entry here."""
+    `models`: one model or an ensemble's members. Columns: `<label>` (physical units; masked when the spectrum has
+    too few usable pixels), `<label>_err` (the model's sigma, or the ensemble's total sigma; NaN without one),
+    `<label>_spread` (ensembles and MC dropout: the members' standard deviation), `<label>_outside`, `snr` (median
+    flux * sqrt(ivar) over usable pixels), `usable_fraction`, `unlikeness` (`stellarlab.models.quality`), `rchi2` and
+    `fit_converged` for models that fit the spectrum, and `flag` (`stellarlab.results.flags`). The one per-chunk step
+    of predict.py: a new per-spectrum quantity is one more entry here."""
+    from stellarlab.results import flags
+
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    model = models[0]
+    trust = trust if isinstance(trust, Trust) else Trust(tolerance=trust)
     flux, weight = clean(flux, weight)
-    labels, sigma = predict(model, flux, batch_size, weight)
     columns: dict[str, np.ndarray] = {}
-    outside = None if tolerance is None else outside_training_range(model, labels, tolerance, warn=False)
+    bits: dict[str, np.ndarray | None] = {}
+    if len(models) > 1 or trust.mc_dropout:
+        labels, sigma, spread, bits["MEMBERS_DISAGREE"] = _members_predict(models, flux, weight, batch_size, trust)
+    elif hasattr(model, "fit_spectra"):
+        labels, sigma, rchi2, converged = _fit_predict(model, flux, weight, batch_size)
+        columns["rchi2"], columns["fit_converged"] = rchi2.astype(np.float32), converged
+        with np.errstate(invalid="ignore"):
+            bits["FIT_FAILED"] = ~converged | ~(rchi2 <= trust.max_reduced_chi2)
+        spread = None
+    else:
+        (labels, sigma), spread = predict(model, flux, batch_size, weight), None
+    n_usable = (weight > 0).sum(axis=1)
+    domain = getattr(model, "training_domain", None)
+    snr = snr_estimate(flux, weight)
+    if domain is not None:
+        few = n_usable < trust.min_usable_fraction * domain.usable_median
+        columns["unlikeness"] = _unlikeness(domain, flux, weight, batch_size)
+        bits["UNLIKE_TRAINING"] = columns["unlikeness"] > domain.threshold
+        with np.errstate(invalid="ignore"):
+            bits["LOW_SNR"] = snr < domain.snr_min
+    else:
+        few = n_usable == 0
+    labels, sigma = labels.astype(np.float32), sigma.astype(np.float32)
+    labels[few], sigma[few] = np.nan, np.nan
+    bits["FEW_PIXELS"] = few
+    outside = None
+    if trust.tolerance is not None:
+        outside = outside_training_range(model, labels, trust.tolerance, warn=False) & ~few[:, None]
+        bits["OUTSIDE_RANGE"] = outside.any(axis=1)
     for j, name in enumerate(model.label_names):
-        columns[name] = labels[:, j].astype(np.float32)
-        columns[f"{name}_err"] = sigma[:, j].astype(np.float32)
+        columns[name] = labels[:, j]
+        columns[f"{name}_err"] = sigma[:, j]
+        if spread is not None:
+            columns[f"{name}_spread"] = spread[:, j].astype(np.float32)
         if outside is not None:
             columns[f"{name}_outside"] = outside[:, j]
-    columns["snr"] = snr_estimate(flux, weight)
-    columns["usable_fraction"] = (weight > 0).mean(axis=1, dtype=np.float32)
+    columns["snr"] = snr
+    columns["usable_fraction"] = (n_usable / max(weight.shape[1], 1)).astype(np.float32)
+    columns["flag"] = flags.flag_column(len(flux), **bits)
     return columns
+
+
+def _members_predict(models, flux, weight, batch_size, trust: Trust):
+    """(mean, total sigma, spread, disagree) of an ensemble or MC dropout (`stellarlab.results.ensemble`)."""
+    import torch
+
+    from stellarlab.results.ensemble import combine_members, member_predictions
+
+    device = next(iter(models[0].buffers())).device
+    parts = []
+    for start in range(0, len(flux), batch_size):
+        f, w = (torch.as_tensor(a[start : start + batch_size], device=device) for a in (flux, weight))
+        parts.append(combine_members(member_predictions(models, f, w, trust.mc_dropout)))
+    if not parts:
+        n = len(models[0].label_names)
+        return np.empty((0, n)), np.empty((0, n)), np.empty((0, n)), np.zeros(0, bool)
+    join = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("mean", "sigma", "spread")}
+    disagree = np.concatenate([p.disagree(trust.disagreement_factor) for p in parts])
+    return join["mean"], join["sigma"], join["spread"], disagree
+
+
+def _fit_predict(model, flux, weight, batch_size):
+    """(labels, formal errors, reduced chi2, converged) of a model that fits each spectrum (the emulator)."""
+    import torch
+
+    device = next(iter(model.buffers())).device
+    out: dict[str, list] = {"labels": [], "sigma": [], "rchi2": [], "converged": []}
+    with torch.inference_mode():
+        for start in range(0, len(flux), batch_size):
+            f, w = (torch.as_tensor(a[start : start + batch_size], device=device) for a in (flux, weight))
+            fit = model.fit_spectra(f, w)
+            for key in out:
+                out[key].append(getattr(fit, key).double().cpu().numpy() if key != "converged" else fit.converged.cpu().numpy())
+    n = len(model.label_names)
+    if not out["labels"]:
+        return np.empty((0, n)), np.empty((0, n)), np.empty(0), np.zeros(0, bool)
+    return tuple(np.concatenate(out[k]) for k in ("labels", "sigma", "rchi2", "converged"))
+
+
+def _unlikeness(domain, flux: np.ndarray, weight: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        scores = [domain.score(torch.from_numpy(flux[i : i + batch_size]), torch.from_numpy(weight[i : i + batch_size]))
+                  for i in range(0, len(flux), batch_size)]
+    return torch.cat(scores).numpy().astype(np.float32) if scores else np.empty(0, np.float32)
 
 
 def predict(model, flux: np.ndarray, batch_size: int = 1024, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -413,7 +486,7 @@ def data_tasks(datamodule, rows_per_task: int, split_values: dict[str, np.ndarra
     return tasks
 
 
-def stream_predictions(model, tasks: Sequence[Task], *, batch_size: int, tolerance: float, workers: int,
+def stream_predictions(models, tasks: Sequence[Task], *, batch_size: int, trust: Trust | float | None, workers: int,
                        progress: bool = True, result: Pass | None = None) -> Pass:
     """Read every task's rows (FITS files in `workers` processes, rows in threads), predict each block as it
     arrives (`predict_chunk`) and keep only its catalogue columns. Files that cannot be read are skipped and
@@ -431,7 +504,7 @@ def stream_predictions(model, tasks: Sequence[Task], *, batch_size: int, toleran
             work = [(t.index, t.parts) for t in tasks if t.parallel == kind]
             for block in parallel_results(read_block, work, workers_of_kind, kind, in_flight=workers_of_kind + 1):
                 task = by_index[block.index]
-                bar.update(_predict_block(model, task, block, batch_size, tolerance, result))
+                bar.update(_predict_block(models, task, block, batch_size, trust, result))
                 if result.skipped:
                     bar.set_postfix(skipped=len(result.skipped), refresh=False)
     result.skipped.sort(key=lambda s: s["file"])  # workers finish in any order; the listing does not
@@ -439,7 +512,7 @@ def stream_predictions(model, tasks: Sequence[Task], *, batch_size: int, toleran
     return result
 
 
-def _predict_block(model, task: Task, block: Block, batch_size: int, tolerance: float, result: Pass) -> int:
+def _predict_block(models, task: Task, block: Block, batch_size: int, trust: Trust | float | None, result: Pass) -> int:
     """Predict one block that was read and add its columns; returns the number of rows it held (read or not)."""
     for k, message in block.bad:
         result.skipped.append({"file": task.files[k] if len(task.files) > k else task.files[0], "error": message})
@@ -449,7 +522,7 @@ def _predict_block(model, task: Task, block: Block, batch_size: int, tolerance: 
     rows = [r for _, r in block.rows]
     flux = rows[0].flux if len(rows) == 1 else np.concatenate([r.flux for r in rows])
     weight = rows[0].weight if len(rows) == 1 else np.concatenate([r.weight for r in rows])
-    values = predict_chunk(model, flux, weight, batch_size, tolerance)
+    values = predict_chunk(models, flux, weight, batch_size, trust)
     header_snr = np.concatenate([r.snr if r.snr is not None else np.full(len(r.flux), np.nan) for r in rows])
     values["snr"] = np.where(np.isfinite(header_snr) & (header_snr > 0), header_snr, values["snr"]).astype(np.float32)
     files = {"file": np.concatenate([[task.files[k]] * len(r.flux) for k, r in block.rows])} if task.files else {}
@@ -471,5 +544,5 @@ __all__ = [
     "FORMATS", "Pass", "Spectra", "Task", "catalog_table", "clean", "data_tasks", "file_format", "file_tasks",
     "find_inputs", "load_checkpoint", "load_model", "model_class_of", "no_usable_pixel", "open_input",
     "outside_training_range", "predict", "predict_chunk", "preprocessing_of", "read_checkpoint", "read_spectra",
-    "report_outside", "snr_estimate", "split_record_of", "stream_predictions",
+    "report_outside", "snr_estimate", "split_record_of", "stream_predictions", "Trust",
 ]
