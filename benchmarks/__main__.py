@@ -26,6 +26,7 @@ BENCHMARKS = {
     "cuda_data_path": "benchmarks.cuda_data_path",
     "memmap_scale": "benchmarks.memmap_scale",
     "malloc_reuse": "benchmarks.malloc_reuse",
+    "predict_scale": "benchmarks.predict_scale",
 }
 
 
