@@ -218,7 +218,8 @@ def test_dr4_cuts_count_what_they_remove(dr4, tmp_path, caplog):
     assert {6, 7, 8} <= set(np.flatnonzero(low_snr).tolist()) and 9 not in np.flatnonzero(low_snr)  # 30 passes
     passing = ~flagged & ~low_snr
     meta = dm.cache().meta["removed"]
-    assert meta == {"catalogue_rows": DR4_ROWS, "flag_sp": 4, "snr": int(low_snr.sum()), "no_spectrum_file": 1, "no_radial_velocity": 0}
+    assert meta == {"catalogue_rows": DR4_ROWS, "flag_sp": 4, "snr": int(low_snr.sum()), "no_spectrum_file": 1, "no_radial_velocity": 0,
+                    "no_readable_file": 0}
     assert f"flag_sp cut (flag_sp <= 0): removed 4 of {DR4_ROWS} rows" in caplog.text
     assert f"SNR cut (snr_px_ccd3 >= 30): removed {int(low_snr.sum())} of {DR4_ROWS - 4} rows" in caplog.text
     assert "1 of" in caplog.text and "have none (removed)" in caplog.text
@@ -376,11 +377,34 @@ def test_dr4_file_errors_name_the_file_and_the_fix(dr4, survey, tmp_path, shared
     with pytest.raises(DataError, match=r"has no RV_HELIO header keyword .*data\.rv_keyword"):
         dr4_module(dr4, shared_cache, rv_keyword="RV_HELIO").prepare_data()
     small = write_galah_dr4(tmp_path / "small", survey, n_rows=3)
+    broken, gone = small.path(1, 2), small.path(2, 1)
+    broken.write_bytes(broken.read_bytes()[:5000])
+    gone.write_bytes(b"not a FITS file")
+    with pytest.raises(DataError, match=rf"2 GALAH spectrum files cannot be read \(data\.strict=true\).*cannot read "
+                                        rf"{broken}: .*truncated: delete it and download it again.*cannot read {gone}"):
+        dr4_module(small, tmp_path / "broken", snr_min=None, strict=True).prepare_data()
+    assert not list((tmp_path / "broken").iterdir())  # a failed build publishes nothing and leaves no temporary
+
+
+def test_dr4_unreadable_files_are_skipped_and_listed(dr4, survey, tmp_path, caplog):
+    """Without data.strict one bad file costs its arm (weight 0), not the preprocessing; it is listed in the log
+    and in the cache's meta.json."""
+    import json
+
+    small = write_galah_dr4(tmp_path / "small", survey, n_rows=3)
     broken = small.path(1, 2)
     broken.write_bytes(broken.read_bytes()[:5000])
-    with pytest.raises(DataError, match=rf"cannot read {broken}: .*truncated: delete it and download it again"):
-        dr4_module(small, tmp_path / "broken", snr_min=None).prepare_data()
-    assert not list((tmp_path / "broken").iterdir())  # a failed build publishes nothing and leaves no temporary
+    module = dr4_module(small, tmp_path / "cache", snr_min=None)
+    with caplog.at_level("WARNING"):
+        arrays = module.load_arrays()
+    assert "skipped 1 spectrum files that cannot be read" in caplog.text and str(broken) in caplog.text
+    meta = json.loads(next((tmp_path / "cache").rglob("meta.json")).read_text())
+    assert [u["file"] for u in meta["unreadable_files"]] == [str(broken)]
+    assert len(arrays.flux) == 3  # every star kept: only the broken arm lost
+    arm = slice(4096, 8192)  # CCD 2 on the resampled grid
+    row = list(np.asarray(arrays.extra.get("row", np.arange(3)))).index(1) if "row" in arrays.extra else 1
+    assert (np.asarray(arrays.weight)[row, arm] == 0).all()
+    assert (np.asarray(arrays.weight)[row, :4096] > 0).any()
 
 
 # ------------------------------------------------------------------------------------------------

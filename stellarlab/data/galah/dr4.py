@@ -68,6 +68,7 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
         max_spectra: int | None = None,
         subset_seed: int = 0,
         cache_dir: str | None = None,
+        strict: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -115,6 +116,7 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
         self.max_spectra = None if max_spectra is None else int(max_spectra)
         self.subset_seed = int(subset_seed)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / "cache"
+        self.strict = bool(strict)
 
     def _under_root(self, path: str) -> Path:
         p = Path(path)
@@ -231,17 +233,25 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
             lengths = [self.pixels_per_arm] * len(self.ccds)
         else:
             lengths = []
-            for j, ccd in enumerate(self.ccds):  # native length of each CCD, from its first file
-                first = int(np.flatnonzero(present[:, j])[0]) if present[:, j].any() else None
-                if first is None:
-                    raise DataError(f"no selected star has a CCD{ccd} file; drop it with data.ccds (e.g. without {ccd})")
-                lengths.append(self._read_ccd(paths[first][j])[1].size)
+            for j, ccd in enumerate(self.ccds):  # native length of each CCD, from its first readable file
+                length = None
+                for i in np.flatnonzero(present[:, j]):
+                    try:
+                        length = self._read_ccd(paths[i][j])[1].size
+                        break
+                    except DataError:
+                        continue  # listed when the star is read below
+                if length is None:
+                    raise DataError(f"no selected star has a readable CCD{ccd} file; drop it with data.ccds (e.g. "
+                                    f"without {ccd}), or download the files again")
+                lengths.append(length)
             wavelength = None
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         n, p = len(rows), int(offsets[-1])
         wl_sum = np.zeros(p)
         wl_count = np.zeros(p)
-        no_rv = 0
+        no_rv = no_readable = 0
+        unreadable: list[dict] = []  # {"file", "error"}: skipped (their arm gets weight 0), or all listed with strict
         log.info("GALAH: reading %d stars x %d CCD files into %s", n, len(self.ccds), cache.path)
         specs = {"flux": ((n, p), np.float32), "weight": ((n, p), np.float32), "row": ((n,), np.int64),
                  "ok": ((n,), np.bool_), "wavelength": ((p,), np.float64)}
@@ -252,11 +262,15 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
                 sigma = np.full((stop - start, p), np.nan, dtype=np.float32)
                 ok = np.ones(stop - start, dtype=bool)
                 for i in range(start, stop):
+                    before = len(unreadable)
                     has_rv = self._read_star(paths[i], present[i], lengths, offsets,
-                                             flux[i - start], sigma[i - start], wl_sum, wl_count)
+                                             flux[i - start], sigma[i - start], wl_sum, wl_count, unreadable)
                     if not has_rv:
                         ok[i - start] = False
-                        no_rv += 1
+                        if len(unreadable) - before == int(present[i].sum()):
+                            no_readable += 1  # every file of the star was bad
+                        else:
+                            no_rv += 1
                 w["flux"][start:stop] = flux
                 w["weight"][start:stop] = self._weight(flux, sigma)
                 w["ok"][start:stop] = ok
@@ -267,10 +281,23 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
                 wavelength = wl_sum / np.maximum(wl_count, 1)
             w["wavelength"][0:p] = wavelength
             removed["no_radial_velocity"] = no_rv
+            removed["no_readable_file"] = no_readable
             w.meta["removed"] = removed
+            w.meta["unreadable_files"] = unreadable
+            if unreadable and len(unreadable) == int(present.sum()):  # a setting, not a bad download: say it once
+                raise DataError(f"none of the {len(unreadable)} GALAH spectrum files can be read; the first: "
+                                f"{unreadable[0]['error']}")
+            if unreadable and self.strict:  # after the whole pass: every bad file in one message; no cache is kept
+                raise DataError(f"{len(unreadable)} GALAH spectrum files cannot be read (data.strict=true); download "
+                                "them again or set data.strict=false to skip them: "
+                                + "; ".join(u["error"] for u in unreadable))
+        if unreadable:
+            log.warning("GALAH: skipped %d spectrum files that cannot be read (their arms get weight 0, a star with "
+                        "none left is dropped; listed in the cache's meta.json; data.strict=true makes this an "
+                        "error):\n  %s", len(unreadable), "\n  ".join(u["error"] for u in unreadable))
         if no_rv:
             log.warning("GALAH: %d stars have a non-finite %s and are left out", no_rv, self.rv_keyword)
-        log.info("GALAH: cached %d spectra x %d pixels in %s", n - no_rv, p, cache.path)
+        log.info("GALAH: cached %d spectra x %d pixels in %s", n - no_rv - no_readable, p, cache.path)
 
     def _weight(self, flux: np.ndarray, sigma: np.ndarray) -> np.ndarray:
         """Inverse variance 1/sigma^2; 0 where flux or sigma is unusable. Without an error extension: 1 per finite pixel."""
@@ -281,15 +308,23 @@ class GALAHDR4DataModule(GALAHDataModuleBase):
             ivar = 1.0 / sigma.astype(np.float64) ** 2
         return np.where(finite & np.isfinite(ivar) & (sigma > 0), ivar, 0.0).astype(np.float32)
 
-    def _read_star(self, paths, present, lengths, offsets, flux_row, sigma_row, wl_sum, wl_count) -> bool:
-        """Fill one star's row (NaN where no data); False when its radial velocity is not finite."""
+    def _read_star(self, paths, present, lengths, offsets, flux_row, sigma_row, wl_sum, wl_count,
+                   unreadable: list[dict]) -> bool:
+        """Fill one star's row (NaN where no data); False when its radial velocity is not finite or none of its
+        files can be read (those go to `unreadable`)."""
         parts = []
         rv = None
         for j, path in enumerate(paths):
             if present[j]:
-                wl, flux, sigma, rv_file = self._read_ccd(path)
+                try:
+                    wl, flux, sigma, rv_file = self._read_ccd(path)
+                except DataError as err:  # truncated, wrong HDUs, unreadable header: skipped and listed
+                    unreadable.append({"file": str(path), "error": str(err)})
+                    continue
                 parts.append((j, path, wl, flux, sigma))
                 rv = rv_file if rv is None else rv
+        if not parts:
+            return False
         if self.rv_keyword:
             if rv is None:
                 raise DataError(
