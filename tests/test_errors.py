@@ -665,6 +665,38 @@ def run_predict(env: Env, *overrides: str) -> str:
     return error_line(env.capsys.readouterr().err)
 
 
+@case("predict with a usable-pixel fraction above 1", r"^error: min_usable_fraction=1\.5 is not valid: it must be a number >= 0 and <= 1",
+      r"e\.g\. min_usable_fraction=0\.5")
+def _(env):
+    return run_predict(env, "min_usable_fraction=1.5")
+
+
+@case("predict with a negative number of MC-dropout passes", r"^error: mc_dropout=-3 is not valid: it must be an integer >= 0",
+      r"e\.g\. mc_dropout=20")
+def _(env):
+    return run_predict(env, "mc_dropout=-3")
+
+
+@case("ensemble naming one checkpoint twice", r"^error: ckpt_path names the same checkpoint more than once",
+      r"an ensemble needs distinct members")
+def _(env):
+    (env.tmp / "a.ckpt").write_bytes(b"x")
+    return run_predict(env, f"ckpt_path=[{env.tmp / 'a.ckpt'},{env.tmp / 'a.ckpt'}]")
+
+
+@case("ensemble folder without a finished run", r"^error: ckpt_path=.*runs: no finished run with a best checkpoint below it",
+      r"looked for metrics\.json with status ok and checkpoints/best-\*\.ckpt")
+def _(env):
+    (env.tmp / "runs" / "0").mkdir(parents=True)
+    return run_predict(env, f"ckpt_path={env.tmp / 'runs'}")
+
+
+@case("MC dropout on a model without dropout", r"^error: mc_dropout=5: LinearRegressor has no dropout layer",
+      r"train with model\.dropout=0\.1 \(say\), or use an ensemble")
+def _(env):
+    return run_predict(env, f"ckpt_path={env.files['checkpoint']()}", "mc_dropout=5")
+
+
 @case("predict batch of 0 spectra", r"data\.eval_batch_size=0 is not valid: it must be an integer >= 1", r"e\.g\. data\.eval_batch_size=512")
 def _(env):
     return run_predict(env, "data.eval_batch_size=0")
