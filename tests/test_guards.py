@@ -22,14 +22,8 @@ from stellarlab.models.base import EPOCHS_METRIC
 from stellarlab.models.checksum import CHECKSUM_KEY, weights_checksum
 from stellarlab.models.knn import KNNRegressor
 from stellarlab.models.ridge import RidgeRegressor
-from stellarlab.results.prediction import (
-    Spectra,
-    catalog_table,
-    load_model,
-    outside_training_range,
-    read_checkpoint,
-    report_outside,
-)
+from stellarlab.results.predict_block import outside_training_range, report_outside
+from stellarlab.results.prediction import load_model, read_checkpoint
 from stellarlab.results.summary import summary_problem
 from tests.conftest import CONF_DIR, TINY, compose_config
 from tests.test_datamodule import ArraysDataModule
@@ -119,11 +113,13 @@ def test_predictions_outside_the_widened_training_range_are_flagged():
         "4 of 6 spectra have a prediction outside the training labels' range widened by 0.2 of its width "
         "(teff: 3, logg: 1); their rows have <label>_outside=True: do not trust those values")
     assert report_outside(LABELS, outside[:2], 0.2) is None
-    spectra = Spectra(ids=[str(i) for i in range(6)], files=["f"] * 6, flux=np.ones((6, 4)), weight=np.ones((6, 4)))
-    table = catalog_table(spectra, LABELS, labels, np.full_like(labels, np.nan), outside)
-    assert table.colnames == ["id", "file", "teff", "teff_err", "teff_outside", "logg", "logg_err", "logg_outside",
-                              "good_pixel_fraction"]
-    assert list(table["teff_outside"]) == [False, False, True, True, True, False]
+    from stellarlab.data.surveys import CATALOG_NAMES
+    from stellarlab.results.catalog import build_table
+
+    values = {"teff": labels[:, 0], "teff_outside": outside[:, 0], "logg": labels[:, 1], "logg_outside": outside[:, 1]}
+    table = build_table({"id": np.arange(6).astype(str)}, values, LABELS, CATALOG_NAMES["apogee"])
+    assert table.colnames == ["ID", "TEFF", "TEFF_OUTSIDE", "LOGG", "LOGG_OUTSIDE"]
+    assert list(table["TEFF_OUTSIDE"]) == [False, False, True, True, True, False]
 
 
 def test_a_checkpoint_without_a_saved_range_flags_outside_three_sigma(caplog):

@@ -25,7 +25,7 @@ from stellarlab.data.surveys import CATALOG_NAMES, catalog_names
 from stellarlab.errors import ConfigError, DataError
 from stellarlab.grids import apogee_wavelength
 from stellarlab.models import LinearRegressor
-from stellarlab.results import catalog, prediction
+from stellarlab.results import catalog, predict_block, prediction
 from tests.conftest import REAL_APSTAR, ROOT
 from tests.test_datamodule import ArraysDataModule, make_arrays
 
@@ -250,7 +250,7 @@ def test_streamed_blocks_give_the_in_memory_predictions_in_input_order(tmp_path)
     result = prediction.stream_predictions(model, tasks, batch_size=16, trust=0.2, workers=1, progress=False)
     ids, values = result.columns.joined()
     assert ids["id"].tolist() == [f"a:{i}" for i in range(37)] + [f"b:{i}" for i in range(13)]
-    labels, _ = prediction.predict(model, flux, 64)
+    labels, _ = predict_block.predict(model, flux, 64)
     np.testing.assert_allclose(values["teff"], labels[:, 0], rtol=1e-5)
     assert np.isnan(values["teff_err"]).all() and (values["usable_fraction"] == 1).all()
 

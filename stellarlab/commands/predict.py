@@ -98,7 +98,7 @@ def run_predict(cfg: DictConfig) -> dict:
 
     from stellarlab.data.surveys import catalog_names
     from stellarlab.errors import DataError
-    from stellarlab.results import catalog, ensemble, flags, prediction
+    from stellarlab.results import catalog, ensemble, flags, predict_block, prediction
     from stellarlab.run.validation import predict_settings
 
     device, batch_size, tolerance = predict_settings(cfg)  # before the checkpoint is read: one line, no traceback
@@ -118,7 +118,7 @@ def run_predict(cfg: DictConfig) -> dict:
     if model.training_domain is None:
         log.warning("the checkpoint predates saved training statistics: no UNLIKENESS score, no UNLIKE_TRAINING or LOW_SNR "
                     "flags (retrain to get them)")
-    prediction.outside_training_range(model, np.empty((0, len(model.label_names))), tolerance)  # the old-checkpoint note, once
+    predict_block.outside_training_range(model, np.empty((0, len(model.label_names))), tolerance)  # the old-checkpoint note, once
     wavelength = model.wavelength.cpu().double().numpy()
     result = prediction.Pass()
     if opts["by_data"]:
@@ -162,7 +162,7 @@ def run_predict(cfg: DictConfig) -> dict:
     paths = catalog.write_catalog(table, cfg.output_dir, formats=opts["formats"])
     write_seconds = time.perf_counter() - start
     outside = np.stack([values[f"{label}_outside"] for label in model.label_names], axis=1)
-    warning = prediction.report_outside(model.label_names, outside, tolerance)
+    warning = predict_block.report_outside(model.label_names, outside, tolerance)
     if warning is not None:
         log.warning("%s", warning)
     start = time.perf_counter()
@@ -187,7 +187,7 @@ def run_predict(cfg: DictConfig) -> dict:
 def trust_settings(cfg: DictConfig, tolerance: float):
     """The quality-flag and model-uncertainty settings of predict.yaml, each checked by its rule."""
     from stellarlab.checks import Number, _plain
-    from stellarlab.results.prediction import Trust
+    from stellarlab.results.predict_block import Trust
 
     values = {}
     for key, rule in (("min_usable_fraction", Number(minimum=0, maximum=1, example="min_usable_fraction=0.5")),
