@@ -171,6 +171,10 @@ class SyntheticDataModule(SpectraDataModule):
 
             try:
                 self._survey = make_survey(**self.survey_params)
+                if self._survey.cache_path and not isinstance(self._survey.flux, np.memmap):
+                    # just generated: read it back memory-mapped, as every later run does, so a large survey is
+                    # streamed (data.in_memory=auto) and its generated copy freed
+                    self._survey = make_survey(**self.survey_params)
             except ValueError as err:  # the generator validates its parameters
                 raise ConfigError(f"synthetic survey: {err}") from err
         return self._survey
