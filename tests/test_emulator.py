@@ -205,6 +205,14 @@ def test_fit_scatter_finds_the_extra_variance_and_zero_where_there_is_none():
     assert float(s2[0]) < 1e-5  # within the sampling noise of 4000 residuals' variance (1e-4 +- 2 %)
     np.testing.assert_allclose(s2[1:].sqrt().numpy(), extra[1:], rtol=0.06)
 
+    def loglike(v):  # per pixel, of variance 1/w + v
+        var = 1 / weight + v
+        return -0.5 * (resid**2 / var + np.log(var)).sum(0)
+
+    best = s2.double().numpy()
+    for factor in (0.99, 1.01):  # the returned value is the maximum
+        assert (loglike(best)[1:] >= loglike(best * factor)[1:]).all()
+
 
 def test_a_cannon_emulator_fits_its_own_spectra():
     model = emulator(kind="quadratic", seed=17, fit_tolerance=1e-6)

@@ -96,14 +96,22 @@ class FluxNetwork(nn.Module):
             return flux
         return flux + (response @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
 
+    @staticmethod
     @torch.no_grad()
-    def latent(self, labels: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
-        """z (B, k) maximising the posterior of each spectrum at its known labels: flux is linear in z, so exactly."""
-        mean, response = self.parts(labels)
+    def solve_latent(mean: torch.Tensor, response: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+        """z (B, k) maximising each spectrum's posterior at its known labels: flux is linear in z, so exactly."""
         weighted = response * cinv.unsqueeze(-1)
-        a = weighted.transpose(-1, -2) @ response + torch.eye(self.latent_dims, device=flux.device)
+        a = weighted.transpose(-1, -2) @ response + torch.eye(response.shape[-1], device=flux.device)
         b = weighted.transpose(-1, -2) @ (flux - mean).unsqueeze(-1)
         return torch.linalg.solve(a.double(), b.double()).squeeze(-1).to(flux.dtype)
+
+    def emulate_known(self, labels: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+        """The emulated flux at known labels, latent labels solved for each spectrum (gradients through the network)."""
+        mean, response = self.parts(labels)
+        if response is None:
+            return mean
+        z = self.solve_latent(mean.detach(), response.detach(), flux, cinv)
+        return mean + (response @ z.unsqueeze(-1)).squeeze(-1)
 
 
 def _chi2_per_pixel(flux, weight, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,10 +331,9 @@ class EmulatorRegressor(SpectrumRegressor):
             flux, weight, labels = flux[keep], weight[keep], labels[keep]
         return flux.float(), weight.float(), labels.float()
 
-    def _inputs(self, labels, flux, weight) -> torch.Tensor:
-        if not self.latent_dims:
-            return labels
-        return torch.cat([labels, self.net.latent(labels, flux, weight)], -1)
+    def _emulate_known(self, labels, flux, weight) -> torch.Tensor:
+        """Flux at the true labels (latent labels, if any, solved for each spectrum)."""
+        return self.net.emulate_known(labels, flux, weight) if self.kind == "mlp" else self.net(labels)
 
     def training_step(self, batch, batch_idx):
         flux, weight, labels = self._known(batch)
@@ -338,7 +345,7 @@ class EmulatorRegressor(SpectrumRegressor):
         if not len(labels):
             return None
         with torch.autocast(device_type=flux.device.type, enabled=False):
-            total, count = _chi2_per_pixel(flux, weight, self.net(self._inputs(labels, flux, weight)))
+            total, count = _chi2_per_pixel(flux, weight, self._emulate_known(labels, flux, weight))
             loss = total / count.clamp(min=1)
         n = len(flux)
         self._train_loss_sum = self._train_loss_sum + loss.detach() * n
@@ -385,7 +392,7 @@ class EmulatorRegressor(SpectrumRegressor):
     def validation_step(self, batch, batch_idx):
         flux, weight, labels = self._known(batch)
         with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
-            resid = flux - self.net(self._inputs(labels, flux, weight))
+            resid = flux - self._emulate_known(labels, flux, weight)
         total, count = _chi2_per_pixel(resid, weight, torch.zeros_like(resid))
         self._val["chi2"] = self._val.get("chi2", 0.0) + total.double()
         self._val["pixels"] = self._val.get("pixels", 0) + int(count)

@@ -88,7 +88,7 @@ def _normal_equations(jac, cinv, resid, x, prior) -> tuple[torch.Tensor, torch.T
     weighted = jac * cinv.unsqueeze(-1)
     a = torch.bmm(weighted.transpose(1, 2), jac).to(wide)
     g = torch.bmm(weighted.transpose(1, 2), resid.unsqueeze(-1)).squeeze(-1).to(wide)
-    chi2 = (cinv * resid * resid).to(wide).sum(1)
+    chi2 = (cinv * resid * resid).sum(1).to(wide)  # a float32 sum: a float64 copy of (B, P) costs more than the fit
     if prior is not None:  # a Gaussian N(0, 1/prior) on each coordinate: one more "pixel" per label
         xd = x.to(wide)
         a = a + torch.diag_embed(prior.expand_as(xd))
@@ -221,35 +221,48 @@ def fit_spectra(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low
     return result.select(best)
 
 
-def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 50, block: int = 1024) -> torch.Tensor:
+def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 20, rtol: float = 1e-4,
+                block: int = 512) -> torch.Tensor:
     """Per pixel the intrinsic variance s^2 >= 0 that maximises the Gaussian likelihood of the residuals.
 
-    resid, weight: (N, P). The likelihood's derivative in s^2, sum_n [r^2 / v - 1] / v with v = 1/w + s^2 over the
-    rows with w > 0, is positive at s^2 = 0 when the residuals exceed their noise and negative once s^2 passes
-    the largest r^2; its root is found by bisection in log s^2, a block of pixels at a time (wide sums over N).
-    A pixel whose residuals are no larger than its noise gets s^2 = 0.
+    resid, weight: (N, P). The likelihood's derivative in s^2, g = sum_n (r^2 / v - 1) / v with v = 1/w + s^2 over
+    the rows with w > 0, is positive at s^2 = 0 when the residuals exceed their noise (else s^2 = 0) and negative
+    once s^2 passes the largest r^2. Its root is found by Newton's method from the moment estimate, kept inside
+    the bracket [0, max r^2] that every step narrows (a step leaving it bisects instead). A narrow block of pixels
+    at a time, so the temporaries stay in the processor's cache: the work is a few passes over N x P numbers per
+    iteration, and memory traffic is its cost.
     """
+    wide = wide_dtype(weight.device)
     out = torch.zeros(resid.shape[1], dtype=resid.dtype, device=resid.device)
     for p0 in range(0, resid.shape[1], block):
         cols = slice(p0, p0 + block)
-        w = weight[:, cols].to(wide_dtype(weight.device))
+        w = weight[:, cols].float()
         used = w > 0
         var = torch.where(used, 1.0 / w.clamp(min=torch.finfo(w.dtype).tiny), torch.ones_like(w))
-        r2 = torch.where(used, resid[:, cols].to(w.dtype) ** 2, torch.zeros_like(w))
-        usedd = used.to(w.dtype)
+        r2 = torch.where(used, resid[:, cols].float() ** 2, torch.zeros_like(w))
+        mask = used.float()
+        n_used = mask.sum(0).to(wide)
 
-        def slope(s2: torch.Tensor) -> torch.Tensor:
-            v = var + s2
-            return ((r2 / v - 1.0) / v * usedd).sum(0)
+        def slope(s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(g, dg/ds^2) per pixel."""
+            inv = mask / (var + s2.float())
+            term = r2 * inv
+            return ((term - 1.0) * inv).sum(0).to(wide), ((1.0 - 2.0 * term) * inv * inv).sum(0).to(wide)
 
-        positive = slope(torch.zeros_like(r2[0])) > 0
-        lo = torch.full_like(r2[0], 1e-16).log()
-        hi = (r2.amax(0) + 1e-16).log()
+        positive = slope(torch.zeros(w.shape[1], dtype=wide, device=w.device))[0] > 0
+        lo = torch.zeros(w.shape[1], dtype=wide, device=w.device)
+        hi = r2.amax(0).to(wide)
+        s2 = (((r2 - var) * mask).sum(0).to(wide) / n_used.clamp(min=1)).clamp(min=0)
+        s2 = torch.where((s2 > lo) & (s2 < hi), s2, (lo + hi) / 2)
         for _ in range(iterations):
-            mid = (lo + hi) / 2
-            up = slope(mid.exp()) > 0
-            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-        s2 = ((lo + hi) / 2).exp()
+            g, dg = slope(s2)
+            lo, hi = torch.where(g > 0, s2, lo), torch.where(g > 0, hi, s2)
+            newton = s2 - g / torch.where(dg < 0, dg, -torch.ones_like(dg))
+            step = torch.where((dg < 0) & (newton > lo) & (newton < hi), newton, (lo + hi) / 2)
+            done = bool(((step - s2).abs() <= rtol * step.abs() + 1e-30).all())
+            s2 = step
+            if done:
+                break
         out[cols] = torch.where(positive & (used.sum(0) > 1), s2, torch.zeros_like(s2)).to(out.dtype)
     return out
 

@@ -1,0 +1,183 @@
+"""Labels by full-spectrum fitting: the emulator (The Payne), stellarlab's Cannon and the reference TheCannon package.
+
+    python benchmarks/emulator_fit.py                 # the default survey (8000 stars, SNR 100, 800 test stars)
+    python benchmarks/emulator_fit.py --small         # a tiny survey, a few epochs (CI, well under a minute)
+
+`model=emulator` and `model=cannon` are trained with train.py in fresh processes (as a user runs them), so
+their wall time is the whole command's, and their test metrics (RMSE, RMSE / Cramér–Rao bound, the
+fraction of test stars within one formal error) come from the run's metrics.json. Fit throughput: the
+best checkpoint is loaded and fits every test spectrum again, timed. The reference is the `TheCannon`
+package (`pip install thecannon`; quadratic model, per-pixel scatter on a grid, `scipy.optimize.curve_fit`
+per star), trained on the same training split and asked for the same test spectra; skipped when it is not
+installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ("teff", "logg", "fe_h")
+MODELS = {"emulator": ["model=emulator"], "cannon": ["model=cannon"]}
+#: The full benchmark trains the emulator this long (the trainer's default 30 epochs are too few for it).
+EMULATOR_EPOCHS = 120
+SMALL = ["data.n_stars=300", "data.batch_size=32", "bootstrap.n_resamples=0"]
+SMALL_EMULATOR = ["trainer.max_epochs=2", "model.hidden_sizes=[32,32]", "model.fit_templates=32"]
+
+
+def train(overrides: list[str], log_dir: Path, cache_dir: Path) -> Path:
+    """Run train.py in a fresh process; returns the run folder."""
+    cmd = [sys.executable, "train.py", *overrides, f"paths.log_dir={log_dir}", f"paths.cache_dir={cache_dir}",
+           "~callbacks.progress_bar", "~callbacks.figures", "trainer.accelerator=cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return max((log_dir / "train" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def datamodule(run_dir: Path, cache_dir: Path):
+    """The run's DataModule from its saved config, set up (the survey comes back from the cache)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data, resolve=False)
+    data["cache_dir"] = str(cache_dir / "synthetic")
+    dm = hydra.utils.instantiate(data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def crlb(dm) -> np.ndarray:
+    """RMS over the test spectra of the Cramér–Rao bound per label (cached beside the survey by the training run)."""
+    from stellarlab.synthetic.crlb import rms, survey_crlb
+
+    bounds = survey_crlb(dm, "test")
+    return np.array([rms(bounds["sigma"][:, bounds["labels"].index(label)]) for label in LABELS])
+
+
+def fit_throughput(run_dir: Path, dm) -> dict:
+    """Spectra per second of the checkpoint's label fit over the whole test split (one process, CPU)."""
+    import torch
+
+    import stellarlab
+
+    model = stellarlab.load(next((run_dir / "checkpoints").glob("best-*.ckpt")))
+    test = dm.split_arrays("test")
+    flux, weight = torch.as_tensor(test["flux"][:]), torch.as_tensor(test["weight"][:])
+    model.fit_spectra(flux[:8], weight[:8])  # warm-up: templates, first calls
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fit = model.fit_spectra(flux, weight)
+    seconds = time.perf_counter() - start
+    return {"fit_seconds": seconds, "spectra_per_second": len(flux) / seconds,
+            "converged": float(fit.converged.float().mean()), "rchi2_median": float(fit.rchi2.median()),
+            "iterations_mean": float(fit.iterations.float().mean())}
+
+
+def from_metrics(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = {"epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"], "labels": {}}
+    for label in LABELS:
+        row = {"rmse": metrics["test"][label]["rmse"], "ratio": metrics["crlb"][label]["ratio"]}
+        calibration = (metrics.get("calibration") or {}).get(label)
+        if calibration:
+            row["within_1sigma"] = calibration["frac_within_1sigma"]
+            row["z_std"] = calibration["z_std"]
+        out["labels"][label] = row
+    return out
+
+
+def reference_cannon(dm, bound: np.ndarray) -> dict | None:
+    """TheCannon (the PyPI package `thecannon`) on the same split; None when it is not installed."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from TheCannon import dataset
+            from TheCannon import model as cannon_model
+    except ImportError:
+        return None
+    train, test = dm.split_arrays("train"), dm.split_arrays("test")
+    arrays = {split: (np.array(t["flux"][:], dtype=np.float64), np.array(t["weight"][:], dtype=np.float64),
+                      t["labels_phys"].numpy().astype(np.float64)) for split, t in (("train", train), ("test", test))}
+    (tr_flux, tr_ivar, tr_labels), (te_flux, te_ivar, te_labels) = arrays["train"], arrays["test"]
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds = dataset.Dataset(dm.wavelength, np.arange(len(tr_flux)).astype(str), tr_flux, tr_ivar, tr_labels,
+                             np.arange(len(te_flux)).astype(str), te_flux, te_ivar)
+        ds.set_label_names(list(LABELS))
+        model = cannon_model.CannonModel(2, useErrors=False)
+        model.train(ds)
+        trained = time.perf_counter()
+        errors, _ = model.infer_labels(ds)
+    done = time.perf_counter()
+    pred = np.asarray(ds.test_label_vals)
+    rmse = np.sqrt(np.mean((pred - te_labels) ** 2, axis=0))
+    z = (pred - te_labels) / errors
+    return {"train_seconds": trained - start, "fit_seconds": done - trained, "spectra_per_second": len(te_flux) / (done - trained),
+            "labels": {label: {"rmse": float(rmse[j]), "ratio": float(rmse[j] / bound[j]),
+                               "within_1sigma": float(np.mean(np.abs(z[:, j]) < 1))} for j, label in enumerate(LABELS)}}
+
+
+def run(small: bool = False, cache_dir: str | None = None) -> dict:
+    """Train the emulator and the Cannon, fit the test split with each, and run the reference TheCannon beside them."""
+    results: dict = {"small": small, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache = Path(cache_dir) if cache_dir else (tmp / "cache" if small else ROOT / "data" / "cache")
+        dm = None
+        for name, overrides in MODELS.items():
+            extra = [*SMALL, *(SMALL_EMULATOR if name == "emulator" else [])] if small else (
+                [f"trainer.max_epochs={EMULATOR_EPOCHS}"] if name == "emulator" else [])
+            start = time.perf_counter()
+            run_dir = train([*overrides, *extra], tmp / name, cache)
+            row = {"wall_seconds": time.perf_counter() - start, "overrides": [*overrides, *extra], **from_metrics(run_dir)}
+            dm = dm or datamodule(run_dir, cache)
+            row.update(fit_throughput(run_dir, dm))
+            results["models"][name] = row
+        results["n_test"] = len(dm.split_index["test"])
+        reference = reference_cannon(dm, crlb(dm))
+        if reference is not None:
+            results["models"]["thecannon"] = reference
+    return results
+
+
+def print_results(results: dict) -> None:
+    print(f"labels by fitting the whole spectrum ({results.get('n_test', '?')} test spectra"
+          f"{', tiny survey' if results['small'] else ''}); ratio = RMSE / Cramér–Rao bound")
+    header = f"  {'model':10s}" + "".join(f"{label + ' RMSE':>13s}{'ratio':>7s}{'|z|<1':>7s}" for label in LABELS)
+    print(header + f"{'train s':>9s}{'wall s':>8s}{'fit/s':>8s}")
+    for name, row in results["models"].items():
+        cells = ""
+        for label in LABELS:
+            r = row["labels"][label]
+            cells += f"{r['rmse']:13.4g}{r['ratio']:7.2f}{r.get('within_1sigma', float('nan')):7.2f}"
+        wall = row.get("wall_seconds", float("nan"))
+        print(f"  {name:10s}{cells}{row['train_seconds']:9.1f}{wall:8.1f}{row['spectra_per_second']:8.0f}")
+    if "thecannon" not in results["models"]:
+        print("  (the reference TheCannon is not installed: pip install thecannon)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny survey and emulator, 2 epochs (CI)")
+    parser.add_argument("--cache-dir", help="survey cache folder (default: the repository's data/cache)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    results = run(small=args.small, cache_dir=args.cache_dir)
+    print_results(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
