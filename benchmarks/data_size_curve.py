@@ -3,6 +3,7 @@
     python benchmarks/data_size_curve.py                      # MLP and CNN on 6.4k, 12.8k, 25.6k, 51.2k training stars
     python benchmarks/data_size_curve.py --small              # two tiny sizes, tiny networks (< 60 s)
     python benchmarks/data_size_curve.py --estimate           # time the epochs at the smallest size, extrapolate the curve
+    python benchmarks/data_size_curve.py --accelerator auto   # on a GPU where there is one
     python benchmarks/data_size_curve.py --models mlp --sizes 6400 12800 --json /tmp/curve.json
 
 Size N trains on a survey of N + 1600 stars (`data.n_stars`, default seed and SNR; 8000 is the default
@@ -40,9 +41,9 @@ SMALL = {"mlp": ["model.hidden_sizes=[32]", "data.batch_size=16"],
                  "data.batch_size=16"]}
 
 
-def overrides(model: str, n_train: int, held_out: int, max_epochs: int, in_memory: str) -> list[str]:
+def overrides(model: str, n_train: int, held_out: int, max_epochs: int, in_memory: str, accelerator: str = "cpu") -> list[str]:
     return [f"model={model}", f"data.n_stars={n_train + 2 * held_out}", f"data.split=[{n_train},{held_out},{held_out}]",
-            f"data.in_memory={in_memory}", f"trainer.max_epochs={max_epochs}", "trainer.accelerator=cpu",
+            f"data.in_memory={in_memory}", f"trainer.max_epochs={max_epochs}", f"trainer.accelerator={accelerator}",
             "~callbacks.progress_bar", "~callbacks.figures"]
 
 
@@ -79,7 +80,7 @@ def summary(seconds: float, metrics: dict, max_epochs: int) -> dict:
 
 
 def run(small: bool = False, max_epochs: dict | None = None, sizes=None, models=MODELS, cache_dir: str | None = None,
-        json_path: str | None = None, in_memory: str = "auto") -> dict:
+        json_path: str | None = None, in_memory: str = "auto", accelerator: str = "cpu") -> dict:
     """Train each model at each size (smallest first, so a curve cut short keeps its small end)."""
     sizes = tuple(sizes or (SMALL_SIZES if small else SIZES))
     held_out = SMALL_HELD_OUT if small else HELD_OUT
@@ -92,7 +93,7 @@ def run(small: bool = False, max_epochs: dict | None = None, sizes=None, models=
         start = time.perf_counter()
         for n_train in sizes:
             for model in models:
-                args = overrides(model, n_train, held_out, epochs[model], in_memory) + (SMALL[model] if small else [])
+                args = overrides(model, n_train, held_out, epochs[model], in_memory, accelerator) + (SMALL[model] if small else [])
                 seconds, metrics = train(args, tmp / f"{model}-{n_train}", cache, in_process=small)
                 results["runs"][model][n_train] = summary(seconds, metrics, epochs[model])
                 results["total_seconds"] = time.perf_counter() - start
@@ -101,7 +102,8 @@ def run(small: bool = False, max_epochs: dict | None = None, sizes=None, models=
     return results
 
 
-def estimate(max_epochs: dict | None = None, cache_dir: str | None = None, in_memory: str = "auto") -> dict:
+def estimate(max_epochs: dict | None = None, cache_dir: str | None = None, in_memory: str = "auto",
+             accelerator: str = "cpu") -> dict:
     """Seconds per epoch of each model at the smallest size (2 epochs each), and the whole curve extrapolated:
     epoch time grows with the training stars; each run adds its set-up, test and bound (the surveys of the larger
     sizes, generated once, are not counted: `generator_seconds_per_star` says what they cost)."""
@@ -111,7 +113,7 @@ def estimate(max_epochs: dict | None = None, cache_dir: str | None = None, in_me
     out: dict = {"max_epochs": epochs, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in MODELS:
-            seconds, metrics = train(overrides(model, n_train, HELD_OUT, 2, in_memory), Path(tmp) / model, cache)
+            seconds, metrics = train(overrides(model, n_train, HELD_OUT, 2, in_memory, accelerator), Path(tmp) / model, cache)
             per_epoch = metrics["train_seconds"] / metrics["epochs"]
             fixed = seconds - metrics["train_seconds"]  # start-up, data, test, bound (the bound is cached after a first run)
             out["models"][model] = {"seconds_per_epoch_at_%d" % n_train: per_epoch, "other_seconds": fixed,
@@ -151,18 +153,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="two tiny sizes and networks, 2 epochs (< 60 s)")
     parser.add_argument("--estimate", action="store_true", help="time 2 epochs of each model at the smallest size")
-    parser.add_argument("--max-epochs", nargs="+", default=[], metavar="MODEL=N", help="e.g. mlp=60 cnn=12")
+    parser.add_argument("--max-epochs", nargs="+", default=[], metavar="MODEL=N", help="e.g. mlp=30 cnn=8")
     parser.add_argument("--sizes", nargs="+", type=int, help=f"training stars (default {' '.join(map(str, SIZES))})")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--in-memory", default="auto", choices=["auto", "true", "false"], help="data.in_memory")
+    parser.add_argument("--accelerator", default="cpu", help="trainer.accelerator (auto: a GPU where there is one)")
     parser.add_argument("--cache-dir", help="survey cache (default: ./data/cache, shared with train.py)")
     parser.add_argument("--json", help="write the figures here after every run")
     args = parser.parse_args()
     max_epochs = {k: int(v) for k, v in (item.split("=", 1) for item in args.max_epochs)}
     if args.estimate:
-        res = estimate(max_epochs, args.cache_dir, args.in_memory)
+        res = estimate(max_epochs, args.cache_dir, args.in_memory, args.accelerator)
     else:
-        res = run(args.small, max_epochs, args.sizes, tuple(args.models), args.cache_dir, args.json, args.in_memory)
+        res = run(args.small, max_epochs, args.sizes, tuple(args.models), args.cache_dir, args.json, args.in_memory,
+                  args.accelerator)
     print_results(res)
 
 
