@@ -179,3 +179,20 @@ def test_crlb_vs_rmse_reports_the_ratio_per_trained_label(datamodule):
         assert out[label]["ratio"] == pytest.approx(metrics[label]["rmse"] / out[label]["crlb"])
         assert out[label]["n"] == 6
     assert crlb_vs_rmse(object(), metrics) is None  # not a synthetic survey: no bound
+
+
+def test_a_split_of_fewer_stars_than_the_survey_pairs_each_row_with_its_star(survey_cache):
+    """data.split as star counts that leave part of the survey out (data.n_stars=10000 data.split=[1000,200,200]):
+    the bound follows each split row to its survey row instead of refusing."""
+    from stellarlab.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(n_stars=50, snr=[30.0, 300.0], gap_deleted=True, split=[20, 4, 6], batch_size=8,
+                             cache_dir=str(survey_cache), seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    b = survey_crlb(dm)
+    rows = dm.split_ids("test")["row"]
+    survey = dm.synthetic_survey()
+    assert b["sigma"].shape == (6, 4) and np.isfinite(b["sigma"]).all()
+    np.testing.assert_array_equal(b["true"], survey.labels[rows])
+    np.testing.assert_array_equal(b["snr"], survey.snr[rows])

@@ -154,9 +154,10 @@ def survey_crlb(datamodule, split: str = "test", batch_size: int = 32) -> dict |
         return None
     from stellarlab.synthetic import LABEL_NAMES, SpectrumGenerator
 
-    idx = np.asarray(datamodule.split_index[split])
-    if len(survey) != sum(len(i) for i in datamodule.split_index.values()):
-        raise DataError("the DataModule dropped spectra of the synthetic survey; split rows no longer map to it")
+    # the survey rows of the split (a split of star counts leaves rows out, and rows without data are dropped)
+    idx = np.asarray(datamodule.split_ids(split)["row"], dtype=np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(survey)):
+        raise DataError("the DataModule's split rows do not map to the synthetic survey's rows")
     true = np.asarray(survey.labels[idx], dtype=np.float32)
     chosen = [list(survey.label_names).index(n) for n in datamodule.label_names]
     if not np.allclose(true[:, chosen], datamodule.tensors[split]["labels_phys"].numpy(), equal_nan=True):
