@@ -27,6 +27,7 @@ BENCHMARKS = {
     "memmap_scale": "benchmarks.memmap_scale",
     "malloc_reuse": "benchmarks.malloc_reuse",
     "predict_scale": "benchmarks.predict_scale",
+    "data_size_curve": "benchmarks.data_size_curve",
 }
 
 
