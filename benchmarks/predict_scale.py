@@ -50,8 +50,10 @@ def write_spectra(folder: Path, n: int, seed: int = 0, ivar: bool = True) -> Pat
     return folder / "flux.npy"
 
 
-def write_checkpoint(folder: Path) -> Path:
-    """A checkpoint of the default MLP (conf/model/mlp.yaml) on the APOGEE grid, laid out as train.py writes it."""
+def write_checkpoint(folder: Path, flux: Path | None = None) -> Path:
+    """A checkpoint of the default MLP (conf/model/mlp.yaml) on the APOGEE grid, laid out as train.py writes it, with
+    the training domain (unlikeness components, threshold) a fit records, from the first rows of `flux`: predict.py
+    scores every spectrum against it, so its cost is in the figures."""
     import pytorch_lightning as pl
     import torch
     from omegaconf import OmegaConf
@@ -65,6 +67,14 @@ def write_checkpoint(folder: Path) -> Path:
     model = MLPRegressor(N_PIXELS, ["teff", "logg", "fe_h"], label_mean=[4800.0, 2.8, -0.2], label_std=[600.0, 1.0, 0.4],
                          label_min=[3500.0, 0.0, -2.0], label_max=[7000.0, 5.0, 0.5],
                          wavelength=torch.as_tensor(apogee_wavelength()), **config)
+    if flux is not None:
+        from stellarlab.models.quality import TrainingDomain
+
+        rows = np.load(flux, mmap_mode="r")[:3000]
+        ivar = np.load(flux.with_name("flux_ivar.npy"), mmap_mode="r")[:3000]
+        train = (torch.from_numpy(np.array(rows[:2000])), torch.from_numpy(np.array(ivar[:2000])))
+        val = (torch.from_numpy(np.array(rows[2000:])), torch.from_numpy(np.array(ivar[2000:])))
+        model.training_domain = TrainingDomain.fit(train, val)
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                   "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0,
                   "SyntheticDataModule": {"preprocessing": {"datamodule": "SyntheticDataModule", "survey_name": "synthetic",
@@ -97,7 +107,7 @@ def run(small: bool = False) -> dict:
     try:
         start = time.perf_counter()
         flux = write_spectra(folder, n)
-        ckpt = write_checkpoint(folder)
+        ckpt = write_checkpoint(folder, flux)
         generate = time.perf_counter() - start
         rows = [measure(folder, ckpt, flux, n, "flux+ivar")]
         if not small:

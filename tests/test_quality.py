@@ -60,7 +60,7 @@ def test_inputs_without_errors_are_scored_on_the_same_scale(survey, domain):
     flux, weight = sample_rows(survey.split_arrays("test"))
     binary = (weight > 0).float()
     assert float((domain.score(flux, binary) > domain.threshold).float().mean()) <= 0.05
-    noise = der_snr_noise(flux, weight > 0)
+    noise = der_snr_noise(flux, weight)
     assert 0.009 < float(noise.median()) < 0.014  # the survey's SNR is 100 (lines make the estimate a little high)
     assert torch.equal(noise_weight(flux, weight), weight)  # real inverse variances are kept
 
