@@ -74,16 +74,16 @@ def test_formal_errors_match_the_scatter_of_repeated_noisy_fits_of_one_spectrum(
     rng = torch.Generator().manual_seed(4)
     with torch.no_grad():
         clean = model.emulate(x)
-        noisy = clean + torch.randn(600, clean.shape[1], generator=rng) / IVAR**0.5
+        noisy = clean + torch.randn(400, clean.shape[1], generator=rng) / IVAR**0.5
         fit = model.fit_spectra(noisy, torch.full_like(noisy, IVAR))
     assert fit.converged.all()
     spread = fit.labels.std(0)
     formal = fit.sigma.median(0).values
-    np.testing.assert_allclose(spread.numpy(), formal.numpy(), rtol=0.1)  # 600 fits: std known to ~3 %
+    np.testing.assert_allclose(spread.numpy(), formal.numpy(), rtol=0.12)  # 400 fits: std known to ~3.5 %
     truth = physical(model, x)[0]
-    assert ((fit.labels.mean(0) - truth).abs() < 4 * formal / 600**0.5).all()  # unbiased
+    assert ((fit.labels.mean(0) - truth).abs() < 4 * formal / 400**0.5).all()  # unbiased
     z = (fit.labels - truth) / fit.sigma
-    assert 0.63 < float((z.abs() < 1).float().mean()) < 0.73
+    assert 0.62 < float((z.abs() < 1).float().mean()) < 0.75
     assert 0.85 < float(fit.rchi2.median()) < 1.15
 
 
@@ -122,8 +122,8 @@ def test_a_fit_that_ran_out_of_iterations_or_a_spectrum_of_noise_is_flagged():
 
 
 def test_spectra_without_errors_get_their_noise_from_the_flux():
-    model = emulator(n_pixels=3000, seed=10, scatter=False)
-    x = inside(model, 30, seed=11)
+    model = emulator(n_pixels=2000, seed=10, scatter=False)
+    x = inside(model, 20, seed=11)
     with torch.no_grad():  # lines several pixels wide, as in real spectra (DER_SNR reads the noise off neighbours)
         w = model.net.out.weight
         w.copy_(torch.nn.functional.avg_pool1d(w.T[None], 31, stride=1, padding=15, count_include_pad=False)[0].T * 5)

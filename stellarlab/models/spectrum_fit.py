@@ -221,14 +221,15 @@ def fit_spectra(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low
     return result.select(best)
 
 
-def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 20, rtol: float = 1e-4,
+def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 10, rtol: float = 1e-3,
                 block: int = 512) -> torch.Tensor:
     """Per pixel the intrinsic variance s^2 >= 0 that maximises the Gaussian likelihood of the residuals.
 
     resid, weight: (N, P). The likelihood's derivative in s^2, g = sum_n (r^2 / v - 1) / v with v = 1/w + s^2 over
     the rows with w > 0, is positive at s^2 = 0 when the residuals exceed their noise (else s^2 = 0) and negative
     once s^2 passes the largest r^2. Its root is found by Newton's method from the moment estimate, kept inside
-    the bracket [0, max r^2] that every step narrows (a step leaving it bisects instead). A narrow block of pixels
+    the bracket [0, max r^2] that every step narrows (a step leaving it bisects instead); it stops at a relative
+    change of `rtol`, far below the estimate's own uncertainty (sqrt(2/N) of s^2 and more). A narrow block of pixels
     at a time, so the temporaries stay in the processor's cache: the work is a few passes over N x P numbers per
     iteration, and memory traffic is its cost.
     """
@@ -238,21 +239,22 @@ def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 20,
         cols = slice(p0, p0 + block)
         w = weight[:, cols].float()
         used = w > 0
-        var = torch.where(used, 1.0 / w.clamp(min=torch.finfo(w.dtype).tiny), torch.ones_like(w))
+        var = torch.where(used, 1.0 / w.clamp(min=torch.finfo(w.dtype).tiny), torch.full_like(w, float("inf")))
         r2 = torch.where(used, resid[:, cols].float() ** 2, torch.zeros_like(w))
-        mask = used.float()
-        n_used = mask.sum(0).to(wide)
+        n_used = used.sum(0).to(wide)
 
         def slope(s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(g, dg/ds^2) per pixel."""
-            inv = mask / (var + s2.float())
-            term = r2 * inv
-            return ((term - 1.0) * inv).sum(0).to(wide), ((1.0 - 2.0 * term) * inv * inv).sum(0).to(wide)
+            """(g, dg/ds^2) per pixel; a row without data has 1/v = 0."""
+            inv = 1.0 / (var + s2.float())
+            inv2 = inv * inv
+            term = r2 * inv2
+            g = term.sum(0).to(wide) - inv.sum(0).to(wide)
+            return g, inv2.sum(0).to(wide) - 2.0 * (term * inv).sum(0).to(wide)
 
         positive = slope(torch.zeros(w.shape[1], dtype=wide, device=w.device))[0] > 0
         lo = torch.zeros(w.shape[1], dtype=wide, device=w.device)
-        hi = r2.amax(0).to(wide)
-        s2 = (((r2 - var) * mask).sum(0).to(wide) / n_used.clamp(min=1)).clamp(min=0)
+        hi = torch.where(positive, r2.amax(0).to(wide), lo)  # the others are settled at 0
+        s2 = ((r2.sum(0).to(wide) - torch.where(used, var, 0.0).sum(0).to(wide)) / n_used.clamp(min=1)).clamp(min=0)
         s2 = torch.where((s2 > lo) & (s2 < hi), s2, (lo + hi) / 2)
         for _ in range(iterations):
             g, dg = slope(s2)
