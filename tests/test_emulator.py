@@ -143,7 +143,9 @@ def test_predict_and_the_base_contract_give_the_fit():
     with torch.no_grad():
         flux = model.emulate(x)
         fit = model.fit_spectra(flux, torch.full_like(flux, IVAR))
-        np.testing.assert_allclose(model(flux, torch.full_like(flux, IVAR)).numpy(), x.numpy(), atol=1e-3)
+        standardised = model(flux, torch.full_like(flux, IVAR))  # forward: the same fit, in standardised units
+    np.testing.assert_allclose(standardised.numpy(), ((fit.labels - model.label_mean) / model.label_std).numpy(), atol=1e-5)
+    np.testing.assert_allclose(standardised.numpy(), x.numpy(), atol=3e-3)
     out = model.predict(flux.numpy(), np.full(flux.shape, IVAR, dtype=np.float32))
     np.testing.assert_allclose(out["teff"], fit.labels[:, 0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(out["logg_sigma"], fit.sigma[:, 1].numpy(), rtol=1e-5)
