@@ -49,7 +49,14 @@ from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor, activa
 from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
 from stellarlab.models.mlp import HiddenSizes
 from stellarlab.models.quality import noise_weight
-from stellarlab.models.spectrum_fit import FitResult, fit_scatter, fit_spectra, inverse_variance, template_starts
+from stellarlab.models.spectrum_fit import (
+    FitResult,
+    fit_scatter,
+    fit_spectra,
+    inverse_variance,
+    template_starts,
+    wide_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +110,8 @@ class FluxNetwork(nn.Module):
         weighted = response * cinv.unsqueeze(-1)
         a = weighted.transpose(-1, -2) @ response + torch.eye(response.shape[-1], device=flux.device)
         b = weighted.transpose(-1, -2) @ (flux - mean).unsqueeze(-1)
-        return torch.linalg.solve(a.double(), b.double()).squeeze(-1).to(flux.dtype)
+        wide = wide_dtype(flux.device)
+        return torch.linalg.solve(a.to(wide), b.to(wide)).squeeze(-1).to(flux.dtype)
 
     def emulate_known(self, labels: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
         """The emulated flux at known labels, latent labels solved for each spectrum (gradients through the network)."""
@@ -253,20 +261,26 @@ class EmulatorRegressor(SpectrumRegressor):
         comes from the flux itself. `rchi2` and `converged` say which fits to trust; latent labels are left out.
         """
         device = self.label_mean.device
-        fit = self._fit(torch.as_tensor(flux, device=device), None if weight is None else torch.as_tensor(weight, device=device))
+        fit = self._physical(self._fit(torch.as_tensor(flux, device=device),
+                                       None if weight is None else torch.as_tensor(weight, device=device)))
+        self.last_fit = fit
+        return fit
+
+    def _physical(self, fit: FitResult) -> FitResult:
+        """The labels' part of a fit in physical units (latent labels dropped)."""
         n = len(self.label_names)
         return FitResult(fit.labels[:, :n] * self.label_std + self.label_mean, fit.sigma[:, :n] * self.label_std,
                          fit.chi2, fit.n_pixels, fit.converged, fit.iterations, fit.at_bound[:, :n])
 
     def forward(self, flux: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Standardised labels of the fitted spectra (the base's contract); see `fit_spectra` for the whole fit."""
+        """Standardised labels of the fitted spectra (the base's contract); `last_fit` keeps the whole fit."""
         fit = self._fit(flux, weight)
-        self.last_fit = fit
+        self.last_fit = self._physical(fit)
         return fit.labels[:, : len(self.label_names)]
 
     def predict_with_sigma(self, flux: torch.Tensor, weight: torch.Tensor | None = None):
+        """(labels, formal errors) in physical units; `last_fit` keeps the reduced chi-square and convergence."""
         fit = self.fit_spectra(flux, weight)
-        self.last_fit = fit
         return fit.labels, fit.sigma
 
     def predict_with_uncertainty(self, flux: torch.Tensor, weight: torch.Tensor | None = None):
@@ -275,10 +289,12 @@ class EmulatorRegressor(SpectrumRegressor):
 
     # -- preparing a fit: templates and the starting flux ---------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is None:
+            return
+        if self.trainer.world_size > 1:
             raise ConfigError(f"the emulator trains and fits on one device; set trainer.devices=1 (this run has "
                               f"{self.trainer.world_size} processes)")
-        device = self.trainer.strategy.root_device if self.trainer is not None else self.device
+        device = self.trainer.strategy.root_device
         if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
             # TF32 keeps ~3 significant digits: far coarser than the noise of an SNR-100 spectrum
             log.info("the emulator needs full float32 matrix products: float32 matmul precision set to 'highest'")
@@ -394,7 +410,7 @@ class EmulatorRegressor(SpectrumRegressor):
         with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
             resid = flux - self._emulate_known(labels, flux, weight)
         total, count = _chi2_per_pixel(resid, weight, torch.zeros_like(resid))
-        self._val["chi2"] = self._val.get("chi2", 0.0) + total.double()
+        self._val["chi2"] = self._val.get("chi2", 0.0) + float(total)
         self._val["pixels"] = self._val.get("pixels", 0) + int(count)
         kept = self._val.setdefault("rows", [])
         room = SCATTER_ROWS - sum(len(r) for r, _ in kept)
