@@ -86,7 +86,7 @@ def test_bad_ensemble_options_are_one_line(ensemble_runs, tmp_path):
     for args, message in (
         ([f"ckpt_path=[{member},{member}]"], "more than once"),
         ([f"ckpt_path={member}", "mc_dropout=1"], "mc_dropout=1"),
-        ([f"ckpt_path={tmp_path / 'nothing'}"], "neither a checkpoint file nor a folder"),
+        ([f"ckpt_path={tmp_path / 'nothing'}"], "no such file or folder of runs"),
     ):
         proc, _ = _eval(*args, log_dir=tmp_path / "bad")
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])

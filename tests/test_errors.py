@@ -247,7 +247,7 @@ def _(env):
 
 
 # Hydra composes the config before stellarlab runs: its own messages, exit code 1.
-@case("unknown group option (Hydra)", r"Could not find 'model/transformer'", r"Available options in 'model':\s+cnn\s+knn\s+linear\s+mlp\s+ridge")
+@case("unknown group option (Hydra)", r"Could not find 'model/transformer'", r"Available options in 'model':\s+cannon\s+cnn\s+emulator\s+knn\s+linear\s+mlp\s+ridge")
 def _(env):
     return run_cli(env, "train.py", "model=transformer", f"paths.log_dir={env.tmp}", code=1)
 

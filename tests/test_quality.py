@@ -113,7 +113,7 @@ def test_combine_members():
 def test_member_checkpoints_errors(tmp_path):
     with pytest.raises(ConfigError, match="names no checkpoint"):
         ensemble.member_checkpoints([])
-    with pytest.raises(ConfigError, match="neither a checkpoint file nor a folder"):
+    with pytest.raises(ConfigError, match="no such file or folder of runs"):
         ensemble.member_checkpoints(str(tmp_path / "missing"))
     (tmp_path / "0").mkdir()
     with pytest.raises(DataError, match="no finished run"):

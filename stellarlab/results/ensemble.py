@@ -125,8 +125,8 @@ def member_checkpoints(spec: str | os.PathLike | Sequence[str]) -> list[Path]:
             members.append(path)
             continue
         if not path.is_dir():
-            raise ConfigError(f"ckpt_path: {path} is neither a checkpoint file nor a folder of runs; give "
-                              "<run>/checkpoints/best-*.ckpt, a list of them, or a multirun folder")
+            raise ConfigError(f"ckpt_path={path}: no such file or folder of runs (an ensemble: a list of checkpoints or a "
+                              "multirun folder); checkpoints are in <run folder>/checkpoints/ (best-*.ckpt, last.ckpt)")
         found, left_out = [], []
         for run in collect_runs(path):
             best = _best_checkpoint(Path(run["dir"]), run["summary"]) if run["status"] == "ok" else None
