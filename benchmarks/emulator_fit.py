@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("teff", "logg", "fe_h")
 MODELS = {"emulator": ["model=emulator"], "cannon": ["model=cannon"]}
 #: The full benchmark trains the emulator this long (the trainer's default 30 epochs are too few for it).
-EMULATOR_EPOCHS = 120
+EMULATOR_EPOCHS = 250
 SMALL = ["data.n_stars=200", "data.batch_size=32", "bootstrap.n_resamples=0"]
 SMALL_EMULATOR = ["trainer.max_epochs=2", "model.hidden_sizes=[32,32]", "model.fit_templates=32"]
 
