@@ -87,6 +87,26 @@ def test_formal_errors_match_the_scatter_of_repeated_noisy_fits_of_one_spectrum(
     assert 0.85 < float(fit.rchi2.median()) < 1.15
 
 
+def test_errors_are_calibrated_by_the_spread_of_fits_of_spectra_with_known_labels():
+    # the same noise draw at twice the level the weights claim: the formal errors stay, the factor doubles
+    model = emulator(seed=5, scatter=False)
+    x = inside(model, 300, seed=6)
+    with torch.no_grad():
+        clean = model.emulate(x)
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(7)) / IVAR**0.5
+        weight = torch.full_like(clean, IVAR)
+        honest = model._error_scale(clean + noise, weight, x)
+        scale = model._error_scale(clean + 2 * noise, weight, x)
+        np.testing.assert_allclose(honest.numpy(), 1.0, rtol=0.25)  # 300 stars: a median |z| to ~7 %
+        np.testing.assert_allclose(scale.numpy(), 2 * honest.numpy(), rtol=0.05)
+        before = model.fit_spectra(clean + 2 * noise, weight).sigma
+        model.sigma_scale.copy_(scale)
+        fit = model.fit_spectra(clean + 2 * noise, weight)
+    torch.testing.assert_close(fit.sigma, before * scale)  # the reported error is the formal one times the factor
+    z = (fit.labels - physical(model, x)) / fit.sigma
+    assert 0.6 < float((z.abs() < 1).float().mean()) < 0.76
+
+
 def test_labels_stay_inside_the_training_range():
     model = emulator(seed=5)
     low, high, _ = model._bounds()
@@ -292,6 +312,10 @@ def test_train_eval_and_predict_end_to_end(model, extra, tmp_path, warm_cache):
     predictions = np.genfromtxt(run / "test_predictions.csv", delimiter=",", names=True)
     assert np.isfinite(predictions["teff_sigma"]).all() and (predictions["teff_sigma"] > 0).all()
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
+    for saved in (ckpt, run / "checkpoints" / "last.ckpt"):  # calibrated after training, written back, checksum renewed
+        scale = torch.load(saved, map_location="cpu", weights_only=False)["state_dict"]["sigma_scale"]
+        assert torch.isfinite(scale).all() and (scale > 0).all() and not torch.equal(scale, torch.ones_like(scale))
+    assert "errors calibrated on" in (run / "train.log").read_text()
 
     evaluated = _run("eval.py", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path}/eval", f"paths.cache_dir={warm_cache}",
                      "trainer.accelerator=cpu")
