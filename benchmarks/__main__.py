@@ -28,6 +28,7 @@ BENCHMARKS = {
     "malloc_reuse": "benchmarks.malloc_reuse",
     "predict_scale": "benchmarks.predict_scale",
     "data_size_curve": "benchmarks.data_size_curve",
+    "emulator_fit": "benchmarks.emulator_fit",
 }
 
 

@@ -35,5 +35,14 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
     malloc = results["malloc_reuse"]
     assert "skipped" in malloc if not sys.platform.startswith("linux") else malloc["cnn"]["speedup"] > 0
     assert results["default_run"]["default_run_seconds_cold_cache"] > 0
+    for model in ("cannon", "emulator"):  # every model in one table, the fits with their errors' calibration
+        row = results["default_run"]["models"][model]
+        assert set(row["crlb_ratio"]) == set(row["within_1sigma"]) == {"teff", "logg", "fe_h"}
     assert not results["startup"]["train.py --help"]["imports_torch"]
+    for row in results["predict_scale"]["rows"]:  # memory stays that of the blocks in flight
+        assert row["peak_rss_mb"] < results["predict_scale"]["targets"]["peak_rss_mb"]
+    fits = results["emulator_fit"]["models"]
+    assert {"emulator", "cannon", "thecannon"} <= set(fits)  # the reference The Cannon runs beside ours
+    for row in fits.values():
+        assert set(row["labels"]) == {"teff", "logg", "fe_h"} and row["spectra_per_second"] > 0
     assert "overhead" in proc.stdout and "RMSE" in proc.stdout
