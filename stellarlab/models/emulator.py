@@ -13,14 +13,8 @@ emulator to a much lower chi-square than a constant rate in the same epochs).
 kind=quadratic (The Cannon): flux quadratic in the labels, fitted in closed form in one pass
 (`stellarlab.models.cannon`), with a per-pixel intrinsic scatter.
 
-Latent labels (`latent_dims`, mlp): the spectra depend on more than the labels a run asks for (the
-synthetic survey's [alpha/Fe] when data.labels=[teff,logg,fe_h]; any unlisted abundance in real spectra).
-An emulator of the listed labels alone averages over the rest, and fitting it biases the labels by several
-times their noise. The network therefore adds a response to k latent labels z, linear in z and shaped by
-the labels: flux = m(y) + A c(y) z, with A a learnt basis of `LATENT_RANK` spectra. In training, z of each
-spectrum is solved for exactly (weighted least squares with a N(0, 1) prior), so the network learns what
-the listed labels leave unexplained; in a fit, z is free beside the labels (with the same prior) and the
-labels' formal errors include what not knowing z costs.
+Latent labels (`latent_dims`, mlp): nuisance labels learnt from the spectra, for what the listed labels
+leave out (`stellarlab.models.flux_network`); in a fit they are free beside the labels, with a N(0, 1) prior.
 
 Intrinsic scatter (`scatter`): per pixel, the variance of what the emulator does not reproduce, added to
 the noise of every fit (C = 1/w + s^2). mlp: measured on the validation spectra after each validation epoch
@@ -48,14 +42,14 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from stellarlab.checks import Choice, Flag, Number
 from stellarlab.errors import ConfigError
 from stellarlab.files import atomic_path
 from stellarlab.models import checksum
-from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor, activation
+from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor
 from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
+from stellarlab.models.flux_network import FluxNetwork
 from stellarlab.models.mlp import HiddenSizes
 from stellarlab.models.quality import noise_weight
 from stellarlab.models.spectrum_fit import (
@@ -64,13 +58,10 @@ from stellarlab.models.spectrum_fit import (
     fit_spectra,
     inverse_variance,
     template_starts,
-    wide_dtype,
 )
 
 log = logging.getLogger(__name__)
 
-#: Spectra in the basis A of the latent response (its shape per star is mixed from these by the labels).
-LATENT_RANK = 32
 #: Latent labels are bounded to +-LATENT_BOUND in a fit (their prior is N(0, 1)).
 LATENT_BOUND = 5.0
 #: Spectra fitted at once (the Jacobian of a chunk is chunk x pixels x labels floats).
@@ -82,57 +73,6 @@ CALIBRATION_ROWS = 800
 #: A unit Gaussian has half of its |z| below this.
 HALF_NORMAL_MEDIAN = 0.6744897501960817
 KINDS = ("mlp", "quadratic")
-
-
-class FluxNetwork(nn.Module):
-    """(labels, latent) -> flux: m(y) from a dense network, plus A c(y) z for the k latent labels z."""
-
-    def __init__(self, n_labels: int, n_pixels: int, hidden_sizes: Sequence[int], act: str, latent_dims: int):
-        super().__init__()
-        self.n_labels, self.latent_dims = n_labels, latent_dims
-        layers: list[nn.Module] = []
-        width = n_labels
-        for size in hidden_sizes:
-            layers += [nn.Linear(width, int(size)), activation(act)]
-            width = int(size)
-        self.trunk = nn.Sequential(*layers)
-        self.out = nn.Linear(width, n_pixels)
-        if latent_dims:
-            self.mix = nn.Linear(width, LATENT_RANK * latent_dims)
-            self.basis = nn.Parameter(torch.randn(n_pixels, LATENT_RANK) * 1e-3)
-
-    def parts(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(m(y) (..., P), the latent response A c(y) (..., P, k) or None)."""
-        h = self.trunk(labels)
-        flux = self.out(h)
-        if not self.latent_dims:
-            return flux, None
-        mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
-        return flux, self.basis @ mix
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flux, response = self.parts(x[..., : self.n_labels])
-        if response is None:
-            return flux
-        return flux + (response @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
-
-    @staticmethod
-    @torch.no_grad()
-    def solve_latent(mean: torch.Tensor, response: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
-        """z (B, k) maximising each spectrum's posterior at its known labels: flux is linear in z, so exactly."""
-        weighted = response * cinv.unsqueeze(-1)
-        a = weighted.transpose(-1, -2) @ response + torch.eye(response.shape[-1], device=flux.device)
-        b = weighted.transpose(-1, -2) @ (flux - mean).unsqueeze(-1)
-        wide = wide_dtype(flux.device)
-        return torch.linalg.solve(a.to(wide), b.to(wide)).squeeze(-1).to(flux.dtype)
-
-    def emulate_known(self, labels: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
-        """The emulated flux at known labels, latent labels solved for each spectrum (gradients through the network)."""
-        mean, response = self.parts(labels)
-        if response is None:
-            return mean
-        z = self.solve_latent(mean.detach(), response.detach(), flux, cinv)
-        return mean + (response @ z.unsqueeze(-1)).squeeze(-1)
 
 
 def _chi2_per_pixel(flux, weight, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,4 +464,4 @@ class EmulatorRegressor(SpectrumRegressor):
         self._templates = None
 
 
-__all__ = ["EmulatorRegressor", "FluxNetwork"]
+__all__ = ["EmulatorRegressor"]

@@ -1,0 +1,77 @@
+"""The Payne's network: standardised labels -> continuum-normalised flux, with latent labels for what they leave out.
+
+The spectra depend on more than the labels a run asks for (the synthetic survey's [alpha/Fe] when
+data.labels=[teff,logg,fe_h]; any unlisted abundance in real spectra). An emulator of the listed labels alone
+averages over the rest, and fitting it biases the labels by several times their noise. The network therefore
+adds a response to k latent labels z, linear in z and shaped by the labels: flux = m(y) + A c(y) z, with A a
+learnt basis of `LATENT_RANK` spectra. In training, z of each spectrum is solved for exactly (weighted least
+squares with a N(0, 1) prior), so the network learns what the listed labels leave unexplained; in a fit, z is
+free beside the labels (with the same prior) and the labels' formal errors include what not knowing z costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from stellarlab.models.base import activation
+from stellarlab.models.spectrum_fit import wide_dtype
+
+#: Spectra in the basis A of the latent response (its shape per star is mixed from these by the labels).
+LATENT_RANK = 32
+
+
+class FluxNetwork(nn.Module):
+    """(labels, latent) -> flux: m(y) from a dense network, plus A c(y) z for the k latent labels z."""
+
+    def __init__(self, n_labels: int, n_pixels: int, hidden_sizes: Sequence[int], act: str, latent_dims: int):
+        super().__init__()
+        self.n_labels, self.latent_dims = n_labels, latent_dims
+        layers: list[nn.Module] = []
+        width = n_labels
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, int(size)), activation(act)]
+            width = int(size)
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(width, n_pixels)
+        if latent_dims:
+            self.mix = nn.Linear(width, LATENT_RANK * latent_dims)
+            self.basis = nn.Parameter(torch.randn(n_pixels, LATENT_RANK) * 1e-3)
+
+    def parts(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(m(y) (..., P), the latent response A c(y) (..., P, k) or None)."""
+        h = self.trunk(labels)
+        flux = self.out(h)
+        if not self.latent_dims:
+            return flux, None
+        mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
+        return flux, self.basis @ mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flux, response = self.parts(x[..., : self.n_labels])
+        if response is None:
+            return flux
+        return flux + (response @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    @torch.no_grad()
+    def solve_latent(mean: torch.Tensor, response: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+        """z (B, k) maximising each spectrum's posterior at its known labels: flux is linear in z, so exactly."""
+        weighted = response * cinv.unsqueeze(-1)
+        a = weighted.transpose(-1, -2) @ response + torch.eye(response.shape[-1], device=flux.device)
+        b = weighted.transpose(-1, -2) @ (flux - mean).unsqueeze(-1)
+        wide = wide_dtype(flux.device)
+        return torch.linalg.solve(a.to(wide), b.to(wide)).squeeze(-1).to(flux.dtype)
+
+    def emulate_known(self, labels: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+        """The emulated flux at known labels, latent labels solved for each spectrum (gradients through the network)."""
+        mean, response = self.parts(labels)
+        if response is None:
+            return mean
+        z = self.solve_latent(mean.detach(), response.detach(), flux, cinv)
+        return mean + (response @ z.unsqueeze(-1)).squeeze(-1)
+
+
+__all__ = ["LATENT_RANK", "FluxNetwork"]
