@@ -2,7 +2,7 @@
 
     python benchmarks/crlb_ratio.py                       # train mlp, mlp + gaussian_nll, cnn on the default survey
     python benchmarks/crlb_ratio.py --small               # tiny survey, a few epochs (CI, < 1 min)
-    python benchmarks/crlb_ratio.py --run-dir outputs/train/runs/<run> [...]   # evaluate finished runs instead
+    python benchmarks/crlb_ratio.py --run-dir outputs/train/runs/<run> [...]   # evaluate finished runs instead (any model)
 
 For each run: test RMSE per label, the RMS over the test spectra of the per-spectrum Cramér–Rao bound
 (`stellarlab.synthetic.crlb`, Fisher matrix from the generator's exact Jacobian, all four generator labels free),
@@ -83,8 +83,15 @@ def _resampled_predictions(dm, model, n_realisations: int, seed: int = 0) -> np.
     with torch.no_grad():
         for _ in range(n_realisations):
             flux = torch.where(weight > 0, clean + sigma * torch.randn(clean.shape, generator=gen_rng), 1.0)
-            out.append(torch.cat([model.predict_physical(f) for f in flux.split(512)]).numpy())
+            out.append(torch.cat([_predict(model, f, w) for f, w in zip(flux.split(512), weight.split(512))]).numpy())
     return np.stack(out)
+
+
+def _predict(model, flux, weight):
+    """Physical labels; a model that fits each spectrum (the emulator, the Cannon) reads the noise from the weights."""
+    if hasattr(model, "fit_spectra"):
+        return model.fit_spectra(flux, weight).labels
+    return model.predict_physical(flux)
 
 
 def bias_variance(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """predict.py at survey scale: peak RSS and spectra/s of the whole command on a large `.npy`.
 
     python -m benchmarks.predict_scale            # 100,000 x 8,575 float32 flux + inverse variance (2 x 3.4 GB)
+                                                  # (also without the quality flags, and flux alone)
     python -m benchmarks.predict_scale --small    # 5,000 spectra, the same code path (CI, under a minute)
 
 The spectra are written a block at a time into a temporary folder (`flux.npy` and its inverse variance
@@ -50,10 +51,11 @@ def write_spectra(folder: Path, n: int, seed: int = 0, ivar: bool = True) -> Pat
     return folder / "flux.npy"
 
 
-def write_checkpoint(folder: Path, flux: Path | None = None) -> Path:
+def write_checkpoint(folder: Path, flux: Path | None = None, name: str = "mlp.ckpt") -> Path:
     """A checkpoint of the default MLP (conf/model/mlp.yaml) on the APOGEE grid, laid out as train.py writes it, with
     the training domain (unlikeness components, threshold) a fit records, from the first rows of `flux`: predict.py
-    scores every spectrum against it, so its cost is in the figures."""
+    scores every spectrum against it, so its cost is in the figures. Without `flux`, a checkpoint without one (no
+    quality flags but the usable-pixel count): the flags' cost, side by side."""
     import pytorch_lightning as pl
     import torch
     from omegaconf import OmegaConf
@@ -80,7 +82,7 @@ def write_checkpoint(folder: Path, flux: Path | None = None) -> Path:
                   "SyntheticDataModule": {"preprocessing": {"datamodule": "SyntheticDataModule", "survey_name": "synthetic",
                                                             "survey": "apogee", "gap_deleted": False}}}
     model.on_save_checkpoint(checkpoint)
-    path = folder / "mlp.ckpt"
+    path = folder / name
     torch.save(checkpoint, path)
     return path
 
@@ -111,6 +113,7 @@ def run(small: bool = False) -> dict:
         generate = time.perf_counter() - start
         rows = [measure(folder, ckpt, flux, n, "flux+ivar")]
         if not small:
+            rows.append(measure(folder, write_checkpoint(folder, name="mlp-no-flags.ckpt"), flux, n, "no-flags"))
             (folder / "flux_ivar.npy").unlink()
             rows.append(measure(folder, ckpt, flux, n, "flux"))
         return {"n_spectra": n, "n_pixels": N_PIXELS, "generate_s": round(generate, 1), "rows": rows,
@@ -129,6 +132,10 @@ def print_results(results: dict) -> None:
         print(f"{r['input']:>10} {r['input_gb']:>6} {r['spectra_per_s']:>10} {r['read_predict_s']:>12} {r['write_s']:>8} "
               f"{r['figures_s']:>10} {r['wall_s']:>8} {r['wall_spectra_per_s']:>8} {r['peak_rss_mb']:>12} {r['catalog_mb']:>11} "
               f"{r['cores']:>6}")
+    speed = {r["input"]: r["spectra_per_s"] for r in results["rows"]}
+    if "no-flags" in speed:
+        print(f"flux+ivar with the quality flags / without (no-flags: a checkpoint without a training domain): "
+              f"{speed['flux+ivar'] / speed['no-flags']:.2f}x the speed")
 
 
 if __name__ == "__main__":
