@@ -48,6 +48,8 @@ def scored_pixels(n_pixels: int) -> torch.Tensor:
     starts = torch.arange(0, n_pixels, SCORED_EVERY)
     index = (starts[:, None] + torch.arange(SCORED_BLOCK)[None, :]).reshape(-1)
     return index[index < n_pixels]
+
+
 def der_snr_noise(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-spectrum noise sigma from the flux alone (DER_SNR: 1.4826/sqrt(6) times the median |2 f_i - f_i-2 - f_i+2|
     over pixels whose neighbours are usable too): for inputs that carry no errors. Taken at the `scored_pixels`

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from stellarlab.models.quality import snr_estimate
+from stellarlab.models.quality import noise_weight, snr_estimate
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def predict_chunk(models, flux: np.ndarray, weight: np.ndarray, batch_size: int 
     model = models[0]
     trust = trust if isinstance(trust, Trust) else Trust(tolerance=trust)
     flux, weight = clean(flux, weight)
+    # spectra given without errors get their noise from the flux once, here, for every score and fit below
+    weight = noise_weight(torch.from_numpy(flux), torch.from_numpy(weight)).numpy()
     columns: dict[str, np.ndarray] = {}
     bits: dict[str, np.ndarray | None] = {}
     if len(models) > 1 or trust.mc_dropout:
