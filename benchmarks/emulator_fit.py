@@ -140,6 +140,40 @@ def reference_cannon(dm, bound: np.ndarray, pixel_step: int = 1) -> dict | None:
                                "within_1sigma": float(np.mean(np.abs(z[:, j]) < 1))} for j, label in enumerate(LABELS)}}
 
 
+def optimizer_step(small: bool = False, rounds: int = 5, steps: int = 10) -> dict:
+    """ms per emulator training step (forward, backward, Adam) with torch's fused Adam (conf/optimizer/adam.yaml)
+    and with its per-operation one, the default network at the default batch size, alternating rounds."""
+    import torch
+
+    from stellarlab.models.emulator import EmulatorRegressor
+
+    n_pixels, hidden, batch = (1000, (32, 32), 32) if small else (8575, (300, 300, 300, 300), 128)
+    torch.manual_seed(0)
+    labels, flux = torch.randn(batch, 3), 1 + 0.01 * torch.randn(batch, n_pixels)
+    weight = torch.full((batch, n_pixels), 1e4)
+    models = {fused: EmulatorRegressor(n_pixels, list(LABELS), hidden_sizes=hidden) for fused in (True, False)}
+    optimizers = {fused: torch.optim.Adam(m.parameters(), lr=1e-4, fused=fused) for fused, m in models.items()}
+    times: dict[bool, list[float]] = {True: [], False: []}
+
+    def step(fused: bool) -> None:
+        emulated = models[fused].net.emulate_known(labels, flux, weight)
+        loss = (weight * (flux - emulated) ** 2).mean()
+        optimizers[fused].zero_grad()
+        loss.backward()
+        optimizers[fused].step()
+
+    for fused in (True, False):
+        step(fused)  # warm-up
+    for _ in range(rounds):
+        for fused in (True, False):
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(fused)
+            times[fused].append((time.perf_counter() - start) / steps * 1e3)
+    fused_ms, plain_ms = float(np.median(times[True])), float(np.median(times[False]))
+    return {"fused_ms": fused_ms, "per_operation_ms": plain_ms, "speedup": plain_ms / fused_ms}
+
+
 def run(small: bool = False, cache_dir: str | None = None) -> dict:
     """Train the emulator and the Cannon, fit the test split with each, and run the reference TheCannon beside them."""
     results: dict = {"small": small, "models": {}}
@@ -160,6 +194,7 @@ def run(small: bool = False, cache_dir: str | None = None) -> dict:
         reference = reference_cannon(dm, crlb(dm), pixel_step=8 if small else 1)
         if reference is not None:
             results["models"]["thecannon"] = reference
+    results["optimizer_step"] = optimizer_step(small)
     return results
 
 
@@ -175,6 +210,10 @@ def print_results(results: dict) -> None:
             cells += f"{r['rmse']:13.4g}{r['ratio']:7.2f}{r.get('within_1sigma', float('nan')):7.2f}"
         wall = row.get("wall_seconds", float("nan"))
         print(f"  {name:10s}{cells}{row['train_seconds']:9.1f}{wall:8.1f}{row['spectra_per_second']:8.0f}")
+    step = results.get("optimizer_step")
+    if step:
+        print(f"  emulator training step: fused Adam {step['fused_ms']:.1f} ms, per-operation Adam "
+              f"{step['per_operation_ms']:.1f} ms ({step['speedup']:.2f}x)")
     if "thecannon" not in results["models"]:
         print("  (the reference TheCannon is not installed: pip install thecannon)")
     elif results["models"]["thecannon"]["pixel_step"] > 1:

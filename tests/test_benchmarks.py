@@ -45,4 +45,6 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
     assert {"emulator", "cannon", "thecannon"} <= set(fits)  # the reference The Cannon runs beside ours
     for row in fits.values():
         assert set(row["labels"]) == {"teff", "logg", "fe_h"} and row["spectra_per_second"] > 0
+    step = results["emulator_fit"]["optimizer_step"]  # fused and per-operation Adam timed side by side
+    assert step["fused_ms"] > 0 and step["per_operation_ms"] > 0 and "fused Adam" in proc.stdout
     assert "overhead" in proc.stdout and "RMSE" in proc.stdout

@@ -64,6 +64,12 @@ def test_any_optimizer_composes_with_any_model(model, optimizer, tmp_path):
     conf = m.configure_optimizers()
     assert type(conf["optimizer"]).__name__.lower() == optimizer.replace("adamw", "adamw")
     assert conf["optimizer"].param_groups[0]["lr"] == cfg.optimizer.lr
+    # Adam and AdamW take torch's fused update (one kernel for every parameter), and it steps on CPU
+    assert conf["optimizer"].defaults.get("fused") is (True if optimizer.startswith("adam") else None)
+    before = [p.detach().clone() for p in m.parameters()]
+    m(torch.ones(2, SPEC["n_pixels"])).square().mean().backward()
+    conf["optimizer"].step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
 def test_accelerator_override_is_a_plain_override(tmp_path):
