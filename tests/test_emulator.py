@@ -296,8 +296,12 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
 
 
+# early stopping set to fire at the second epoch: the emulator (cosine decay to max_epochs) turns it off
+STOP_AT_2 = ["callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=1000"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model, extra", [("cannon", []), ("emulator", ["trainer.max_epochs=3"])])
+@pytest.mark.parametrize("model, extra", [("cannon", []), ("emulator", ["trainer.max_epochs=3", *STOP_AT_2])])
 def test_train_eval_and_predict_end_to_end(model, extra, tmp_path, warm_cache):
     tiny = [o for o in TINY if not o.startswith("trainer.max_epochs")]
     out = _run("train.py", f"model={model}", *tiny, *extra, f"paths.log_dir={tmp_path}/out", f"paths.cache_dir={warm_cache}")
@@ -309,6 +313,8 @@ def test_train_eval_and_predict_end_to_end(model, extra, tmp_path, warm_cache):
     assert set(metrics["crlb"]) == set(LABELS)
     if model == "cannon":
         assert metrics["epochs"] == 1
+    else:
+        assert metrics["epochs"] == 3 and "early stopping is off" in (run / "train.log").read_text()
     predictions = np.genfromtxt(run / "test_predictions.csv", delimiter=",", names=True)
     assert np.isfinite(predictions["teff_sigma"]).all() and (predictions["teff_sigma"] > 0).all()
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))

@@ -9,7 +9,7 @@ goodness of fit, and a spectrum the emulator cannot describe shows as a reduced 
 
 kind=mlp (The Payne): a dense network; trained by gradient descent like the other networks (`optimizer`,
 `scheduler`; without a scheduler the learning rate decays on a cosine over the run, which trains the
-emulator to a much lower chi-square than a constant rate in the same epochs).
+emulator to a much lower chi-square than a constant rate in the same epochs, and early stopping is off).
 kind=quadratic (The Cannon): flux quadratic in the labels, fitted in closed form in one pass
 (`stellarlab.models.cannon`), with a per-pixel intrinsic scatter.
 
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 
 from stellarlab.checks import Choice, Flag, Number
@@ -114,7 +115,7 @@ class EmulatorRegressor(SpectrumRegressor):
         n_pixels: int,
         label_names,
         kind: Annotated[str, Choice(*KINDS)] = "mlp",
-        hidden_sizes: HiddenSizes = (300, 300),
+        hidden_sizes: HiddenSizes = (300, 300, 300, 300),
         activation: Activation = "silu",
         latent_dims: Annotated[int | None, Number(minimum=0, integer=True, allow_null=True,
                                                   example="model.latent_dims=1")] = None,
@@ -290,6 +291,23 @@ class EmulatorRegressor(SpectrumRegressor):
         steps = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_callbacks(self):
+        """Without a scheduler config the learning rate decays on a cosine to trainer.max_epochs, and the validation
+        loss still falls in the last epochs, at the lowest rates: early stopping (patience counted in epochs of a
+        noisy loss) would end the run halfway down the decay. The trainer's EarlyStopping is replaced by one with
+        the same monitor and a patience of max_epochs (so it never fires); with a scheduler config it stays."""
+        if self.kind != "mlp" or self.scheduler_factory is not None or self._trainer is None:
+            return []
+        stoppers = [cb for cb in self.trainer.callbacks if isinstance(cb, pl.callbacks.EarlyStopping)]
+        epochs = self.trainer.max_epochs
+        if not stoppers or epochs is None or epochs < 0:
+            return []
+        old = stoppers[0]
+        log.info("the emulator's learning rate decays on a cosine to epoch %d: early stopping is off for this run "
+                 "(patience %d -> %d)", epochs, old.patience, epochs)
+        return [pl.callbacks.EarlyStopping(monitor=old.monitor, mode=old.mode, min_delta=abs(old.min_delta),
+                                           patience=epochs)]
 
     def _known(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flux, weight, labels) of the rows with every label known: the emulator maps all labels to flux."""
