@@ -304,6 +304,8 @@ class EmulatorRegressor(SpectrumRegressor):
         if not stoppers or epochs is None or epochs < 0:
             return []
         old = stoppers[0]
+        if old.patience >= epochs:  # already off (this hook runs again for the test after fit)
+            return []
         log.info("the emulator's learning rate decays on a cosine to epoch %d: early stopping is off for this run "
                  "(patience %d -> %d)", epochs, old.patience, epochs)
         return [pl.callbacks.EarlyStopping(monitor=old.monitor, mode=old.mode, min_delta=abs(old.min_delta),
