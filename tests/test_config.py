@@ -72,6 +72,20 @@ def test_any_optimizer_composes_with_any_model(model, optimizer, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize("overrides, epochs, accelerator", [
+    (["model=emulator"], 250, "auto"),                                   # its config sets the epochs it needs
+    (["model=emulator", "trainer.max_epochs=7"], 7, "auto"),             # the command line still wins
+    (["model=emulator", "trainer=cpu"], 250, "cpu"),                     # the trainer choice is kept
+    (["model=emulator", "experiment=quick"], 10, "auto"),                # experiments come last
+    (["model=mlp"], 30, "auto"), (["model=cannon"], 30, "auto"),
+])
+def test_emulator_config_sets_its_epochs(overrides, epochs, accelerator, tmp_path):
+    cfg = compose_config(overrides, tmp_path=tmp_path)
+    assert cfg.trainer.max_epochs == epochs
+    assert cfg.trainer.accelerator == accelerator
+    assert set(cfg.model) >= {"_target_"} and "max_epochs" not in cfg.model
+
+
 def test_accelerator_override_is_a_plain_override(tmp_path):
     cfg = compose_config(["trainer.accelerator=cpu", "trainer.precision=bf16-mixed"], tmp_path=tmp_path)
     assert check_trainer_config(cfg.trainer.accelerator, cfg.trainer.precision) == "cpu"
