@@ -142,6 +142,7 @@ TRAIN_CONFIG_CASES = [
     ("negative learning rate", ["optimizer.lr=-0.001"], r"optimizer\.lr=-0\.001 .*must be a number > 0", r"e\.g\. optimizer\.lr=1e-3"),
     ("learning rate not a number", ["optimizer.lr=fast"], r"optimizer\.lr=fast .*must be a number", r"e\.g\. optimizer\.lr=1e-3"),
     ("negative weight decay", ["optimizer.weight_decay=-1"], r"optimizer\.weight_decay=-1 .*>= 0", r"e\.g\. optimizer\.weight_decay=0"),
+    ("fused Adam not a flag", ["optimizer.fused=maybe"], r"optimizer\.fused=maybe .*must be true or false", r"e\.g\. optimizer\.fused=true"),
     ("sgd momentum out of range", ["optimizer=sgd", "optimizer.momentum=1.5"], r"optimizer\.momentum=1\.5 .*< 1", r"e\.g\. optimizer\.momentum=0\.9"),
     ("option the optimizer does not take", ["+optimizer.lrr=1"], r"optimizer\.lrr is not an option of torch\.optim\.Adam",
      r"did you mean optimizer\.lr\?.*valid options: .*weight_decay.*~optimizer\.lrr"),

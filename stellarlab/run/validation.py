@@ -27,6 +27,7 @@ from typing import Any
 
 from stellarlab.checks import (
     HYDRA_KEYS,
+    Flag,
     _is_int,
     _is_number,
     _plain,
@@ -82,6 +83,8 @@ def _check_optimizer(opt: Mapping) -> None:
         check_number("optimizer.weight_decay", opt["weight_decay"], "optimizer.weight_decay=0", minimum=0)
     if "momentum" in opt:
         check_number("optimizer.momentum", opt["momentum"], "optimizer.momentum=0.9", minimum=0, below=1)
+    if "fused" in opt and opt["fused"] is not None:  # torch takes any truthy value, `maybe` included
+        Flag().check("optimizer.fused", opt["fused"])
     if "eps" in opt:
         check_number("optimizer.eps", opt["eps"], "optimizer.eps=1e-8", above=0)
     if "betas" in opt:
