@@ -4,7 +4,7 @@ against the Cramér–Rao bound, and for models with errors the fraction of test
 
     python benchmarks/default_run.py [--small]
 
-Each model runs with its own config's defaults (the emulator's config sets its 250 epochs:
+Each model runs with its own config's defaults (the emulator's config sets its 120 epochs:
 conf/model/emulator.yaml).
 Targets (README): default run under 3 minutes on 2 CPU cores; every model beats the mean predictor
 by more than 3x RMSE on every label; the best network clearly beats the linear model.

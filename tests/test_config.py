@@ -73,9 +73,9 @@ def test_any_optimizer_composes_with_any_model(model, optimizer, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, epochs, accelerator", [
-    (["model=emulator"], 250, "auto"),                                   # its config sets the epochs it needs
+    (["model=emulator"], 120, "auto"),                                   # its config sets the epochs it needs
     (["model=emulator", "trainer.max_epochs=7"], 7, "auto"),             # the command line still wins
-    (["model=emulator", "trainer=cpu"], 250, "cpu"),                     # the trainer choice is kept
+    (["model=emulator", "trainer=cpu"], 120, "cpu"),                     # the trainer choice is kept
     (["model=emulator", "experiment=quick"], 10, "auto"),                # experiments come last
     (["model=mlp"], 30, "auto"), (["model=cannon"], 30, "auto"),
 ])

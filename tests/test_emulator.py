@@ -27,16 +27,16 @@ def emulator(n_pixels: int = 300, seed: int = 0, **kwargs) -> EmulatorRegressor:
     torch.manual_seed(seed)
     kwargs = {"hidden_sizes": [32, 32], "latent_dims": 0, "fit_templates": 64, **kwargs}
     model = EmulatorRegressor(n_pixels, LABELS, label_mean=MEAN, label_std=STD, label_min=LOW, label_max=HIGH, **kwargs)
-    if model.kind == "mlp":
-        with torch.no_grad():  # absorption-like depths of a few percent around the continuum
-            model.net.out.weight.mul_(0.3)
-            model.net.out.bias.fill_(0.9)
-            if model.latent_dims:  # a latent response the spectra pin down, as a trained one: the N(0,1) prior then barely pulls
-                model.net.basis.mul_(30)
     low, high, _ = model._bounds()
     low, high = low[:3], high[:3]
     labels = low + (high - low) * torch.rand(500, 3, generator=torch.Generator().manual_seed(seed))
     model._prepare(labels, torch.ones(2, n_pixels), torch.full((2, n_pixels), IVAR))
+    if model.kind == "mlp":
+        with torch.no_grad():  # absorption-like depths of a few percent around the continuum
+            model.net.set_output(torch.ones(n_pixels), torch.ones(n_pixels))
+            model.net.out.weight.mul_(0.3)
+            if model.latent_dims:  # a latent response the spectra pin down, as a trained one: the N(0,1) prior then barely pulls
+                model.net.basis.mul_(30)
     return model.eval()
 
 
@@ -180,6 +180,41 @@ def test_a_checkpointed_state_predicts_the_same():
     weight = torch.full_like(flux, IVAR)
     with torch.no_grad():
         np.testing.assert_array_equal(fresh.fit_spectra(flux, weight).labels.numpy(), model.fit_spectra(flux, weight).labels.numpy())
+
+
+def test_the_network_starts_at_the_mean_flux_in_units_of_each_pixels_spread():
+    """Every pixel's output unit is how far its flux varies across the training stars, the noise taken out."""
+    model = EmulatorRegressor(5, LABELS, hidden_sizes=[8], latent_dims=0, fit_templates=4,
+                              label_mean=MEAN, label_std=STD, label_min=LOW, label_max=HIGH)
+    rng = np.random.default_rng(3)
+    n = 4000
+    mean = np.array([0.98, 0.7, 0.99, 0.5, 1.0])
+    spread = np.array([0.002, 0.1, 0.0, 0.03, 0.0])  # a continuum pixel, a line core, a flat pixel, ...
+    flux = mean + spread * rng.normal(size=(n, 5)) + rng.normal(size=(n, 5)) / np.sqrt(IVAR)
+    weight = np.full((n, 5), IVAR)
+    weight[:, 4] = 0.0  # a pixel no spectrum has data on
+    model._prepare(torch.zeros(n, 3), torch.as_tensor(flux, dtype=torch.float32), torch.as_tensor(weight, dtype=torch.float32))
+    scale = model.net.flux_scale.numpy()
+    np.testing.assert_allclose(scale[[0, 1, 3]], spread[[0, 1, 3]], rtol=0.1)
+    assert 1e-4 <= scale[2] < 1e-3  # below the noise: the floor or the estimate's own scatter, far below the line's unit
+    assert scale[4] == 1.0
+    with torch.no_grad():
+        model.net.out.weight.zero_()  # the network's start is the bias alone: the mean flux, 1 where there is no data
+        np.testing.assert_allclose(model.emulate(torch.zeros(1, 3))[0].numpy(), [*flux[:, :4].mean(0), 1.0], atol=1e-4)
+
+
+def test_a_checkpoint_from_before_the_output_units_loads_as_raw_flux_outputs():
+    model = emulator(seed=17, latent_dims=1)  # raw flux outputs: unit scale everywhere
+    state = dict(model.state_dict())
+    del state["net.flux_scale"]
+    checkpoint = {"state_dict": state}
+    fresh = EmulatorRegressor(300, LABELS, hidden_sizes=[32, 32], latent_dims=1, fit_templates=64,
+                              label_mean=MEAN, label_std=STD, label_min=LOW, label_max=HIGH).eval()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: nothing missing
+    x = inside(model, 5, seed=18)
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh.emulate(x).numpy(), model.emulate(x).numpy())
 
 
 # -- The Cannon ---------------------------------------------------------------------------------------

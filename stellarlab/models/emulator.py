@@ -264,7 +264,7 @@ class EmulatorRegressor(SpectrumRegressor):
 
     @torch.no_grad()
     def _prepare(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor) -> None:
-        """Templates from the training labels and (mlp) the weighted mean training flux as the output layer's bias."""
+        """Templates from the training labels; (mlp) each pixel's mean training flux and spread for the output layer."""
         labels = labels[torch.isfinite(labels).all(1)].float()
         if not len(labels):
             raise ConfigError("no training spectrum has every label of data.labels; the emulator needs them all")
@@ -275,9 +275,14 @@ class EmulatorRegressor(SpectrumRegressor):
         self.template_labels[:, : chosen.shape[1]] = chosen
         weight = weight.to(self.device).float()
         if self.kind == "mlp":
+            flux, used = flux.to(weight), weight > 0
             total = weight.sum(0)
-            mean = torch.where(total > 0, (weight * flux.to(weight)).sum(0) / total.clamp(min=1e-30), torch.ones_like(total))
-            self.net.out.bias.copy_(mean)
+            mean = torch.where(total > 0, (weight * flux).sum(0) / total.clamp(min=1e-30), torch.ones_like(total))
+            # the spread: the flux's variance about the mean across the spectra, less their noise variance 1/w
+            excess = torch.where(used, (flux - mean) ** 2 - 1.0 / weight.clamp(min=1e-30), 0.0)
+            var = excess.sum(0) / used.sum(0).clamp(min=1)
+            spread = torch.where(used.any(0), var.clamp(min=0).sqrt(), torch.ones_like(var))  # no data: any unit
+            self.net.set_output(mean, spread)
         self.prepared.fill_(True)
 
     # -- training -------------------------------------------------------------------------------------
@@ -480,6 +485,9 @@ class EmulatorRegressor(SpectrumRegressor):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if self.kind == "mlp" and "net.flux_scale" not in state and "net.out.bias" in state:
+            state["net.flux_scale"] = torch.ones_like(state["net.out.bias"])  # older checkpoints: raw flux outputs
         self.best_val_mse = None
         self._templates = None
 

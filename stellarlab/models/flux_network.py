@@ -7,6 +7,13 @@ adds a response to k latent labels z, linear in z and shaped by the labels: flux
 learnt basis of `LATENT_RANK` spectra. In training, z of each spectrum is solved for exactly (weighted least
 squares with a N(0, 1) prior), so the network learns what the listed labels leave unexplained; in a fit, z is
 free beside the labels (with the same prior) and the labels' formal errors include what not knowing z costs.
+
+Each pixel's output is in units of its own spread: how far that pixel's flux varies across the training
+stars, their noise taken out (`set_output`, from the emulator's preparation). Adam moves every weight by a
+similar step whatever its gradient's size, so with raw flux outputs a line core that varies by tenths and a
+continuum pixel that varies by thousandths get the same steps: the first crawls and the second jitters. In
+units of the spread every pixel learns at the same relative pace, and the emulator ends far closer to the
+spectra it learns.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from stellarlab.models.spectrum_fit import wide_dtype
 
 #: Spectra in the basis A of the latent response (its shape per star is mixed from these by the labels).
 LATENT_RANK = 32
+#: Smallest output unit of a pixel (flux units): a pixel whose flux barely varies across the training stars
+#: still gets a unit its weights can reach.
+FLUX_SCALE_FLOOR = 1e-4
 
 
 class FluxNetwork(nn.Module):
@@ -36,6 +46,7 @@ class FluxNetwork(nn.Module):
             width = int(size)
         self.trunk = nn.Sequential(*layers)
         self.out = nn.Linear(width, n_pixels)
+        self.register_buffer("flux_scale", torch.ones(n_pixels))  # each pixel's output unit (set_output)
         if latent_dims:
             self.mix = nn.Linear(width, LATENT_RANK * latent_dims)
             self.basis = nn.Parameter(torch.randn(n_pixels, LATENT_RANK) * 1e-3)
@@ -43,7 +54,7 @@ class FluxNetwork(nn.Module):
     def parts(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(m(y) (..., P), the latent response A c(y) (..., P, k) or None)."""
         h = self.trunk(labels)
-        flux = self.out(h)
+        flux = self.out(h) * self.flux_scale
         if not self.latent_dims:
             return flux, None
         mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
@@ -54,6 +65,13 @@ class FluxNetwork(nn.Module):
         if response is None:
             return flux
         return flux + (response @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def set_output(self, mean: torch.Tensor, spread: torch.Tensor) -> None:
+        """Start every pixel's output at its mean flux (P,), in units of its spread (P,) across the training stars."""
+        scale = spread.to(self.flux_scale).clamp(min=FLUX_SCALE_FLOOR)
+        self.flux_scale.copy_(scale)
+        self.out.bias.copy_(mean.to(scale) / scale)
 
     @staticmethod
     @torch.no_grad()
@@ -74,4 +92,4 @@ class FluxNetwork(nn.Module):
         return mean + (response @ z.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["LATENT_RANK", "FluxNetwork"]
+__all__ = ["FLUX_SCALE_FLOOR", "LATENT_RANK", "FluxNetwork"]
