@@ -5,6 +5,7 @@
     python benchmarks/data_size_curve.py --estimate           # time the epochs at the smallest size, extrapolate the curve
     python benchmarks/data_size_curve.py --accelerator auto   # on a GPU where there is one
     python benchmarks/data_size_curve.py --models mlp --sizes 6400 12800 --json /tmp/curve.json
+    python benchmarks/data_size_curve.py --models emulator --sizes 12800   # the emulator too (its config's 120 epochs)
 
 Size N trains on a survey of N + 1600 stars (`data.n_stars`, default seed and SNR; 8000 is the default
 survey) split by star counts, `data.split=[N,800,800]`, so validation and test always hold 800 stars. The
@@ -32,13 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("teff", "logg", "fe_h")
 HELD_OUT = 800  # validation and test stars at every size
 SIZES = (6400, 12800, 25600, 51200)
-MODELS = ("mlp", "cnn")
-MAX_EPOCHS = {"mlp": 30, "cnn": 30}  # the repository default (conf/trainer/default.yaml); early stopping may end a run first
+MODELS = ("mlp", "cnn")  # the default curve; the emulator on request (--models emulator)
+CHOICES = (*MODELS, "emulator")
+# the networks: the repository default (conf/trainer/default.yaml), early stopping may end a run first; the
+# emulator: its config's epochs (conf/model/emulator.yaml), early stopping off under its cosine decay
+MAX_EPOCHS = {"mlp": 30, "cnn": 30, "emulator": 120}
 SMALL_SIZES = (32, 64)
 SMALL_HELD_OUT = 16
 SMALL = {"mlp": ["model.hidden_sizes=[32]", "data.batch_size=16"],
          "cnn": ["model.channels=[4]", "model.kernel_sizes=[5]", "model.pool_sizes=[8]", "model.hidden_sizes=[16]",
-                 "data.batch_size=16"]}
+                 "data.batch_size=16"],
+         "emulator": ["model.hidden_sizes=[32]", "model.fit_templates=16", "data.batch_size=16"]}
 
 
 def overrides(model: str, n_train: int, held_out: int, max_epochs: int, in_memory: str, accelerator: str = "cpu") -> list[str]:
@@ -139,13 +144,13 @@ def print_results(results: dict) -> None:
     print(f"surveys of N + {2 * results['held_out']} stars at SNR {results['snr']}, val/test {results['held_out']} stars each; "
           f"max_epochs {results['max_epochs']}; {results.get('total_seconds', 0):.0f} s in all")
     head = "".join(f"{label + ' RMSE':>14s}{'/CRLB':>7s}" for label in LABELS)
-    print(f"{'model':6s}{'train':>7s}{'epochs':>8s}{'s':>7s}{head}")
+    print(f"{'model':8s}{'train':>7s}{'epochs':>8s}{'s':>7s}{head}")
     for model, by_size in results["runs"].items():
         for n_train, r in by_size.items():
             cells = "".join(f"{r['labels'][label]['rmse']:14.4g}{(r['labels'][label]['ratio'] or float('nan')):7.2f}"
                             for label in LABELS)
             stop = "" if r["stopped_early"] else "+"
-            print(f"{model:6s}{int(n_train):7d}{str(r['epochs']) + stop:>8s}{r['seconds']:7.0f}{cells}")
+            print(f"{model:8s}{int(n_train):7d}{str(r['epochs']) + stop:>8s}{r['seconds']:7.0f}{cells}")
     print("(+: reached max_epochs, early stopping had not ended it)")
 
 
@@ -155,7 +160,7 @@ def main() -> None:
     parser.add_argument("--estimate", action="store_true", help="time 2 epochs of each model at the smallest size")
     parser.add_argument("--max-epochs", nargs="+", default=[], metavar="MODEL=N", help="e.g. mlp=30 cnn=8")
     parser.add_argument("--sizes", nargs="+", type=int, help=f"training stars (default {' '.join(map(str, SIZES))})")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=CHOICES)
     parser.add_argument("--in-memory", default="auto", choices=["auto", "true", "false"], help="data.in_memory")
     parser.add_argument("--accelerator", default="cpu", help="trainer.accelerator (auto: a GPU where there is one)")
     parser.add_argument("--cache-dir", help="survey cache (default: ./data/cache, shared with train.py)")
