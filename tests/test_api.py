@@ -120,12 +120,14 @@ def test_load_runs_is_the_comparison_table(api_run):
 @pytest.mark.slow
 def test_wandb_records_the_same_params_and_metrics_offline(tmp_path, survey_cache):
     pytest.importorskip("wandb")
-    summary = stellarlab.train([*FAST_RUN, "logger=wandb", *paths(tmp_path, survey_cache)])
-    (records,) = Path(summary["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")  # offline, in the run folder
-    data = records.read_bytes()
-    for name in ("optimizer/lr", "model/hidden_sizes", "val/loss_best", "test/rmse_teff", "test/rmse_lo_teff",
-                 "time/train_seconds"):
-        assert name.encode() in data, name
+    # two runs in one process, as a sweep's jobs: each run's records are complete when its training returns
+    for seed in (0, 1):
+        summary = stellarlab.train([*FAST_RUN, "logger=wandb", f"seed={seed}", *paths(tmp_path, survey_cache)])
+        (records,) = Path(summary["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")  # offline, in the run folder
+        data = records.read_bytes()
+        for name in ("optimizer/lr", "model/hidden_sizes", "val/loss_best", "test/rmse_teff", "test/rmse_lo_teff",
+                     "time/train_seconds"):
+            assert name.encode() in data, (seed, name)
 
 
 def test_the_api_raises_the_one_line_errors_instead_of_exiting(tmp_path):

@@ -25,7 +25,13 @@ class MLFlowLogger(_LightningMLFlowLogger):
 
 def finish_open_runs() -> None:
     """End the W&B run a WandbLogger left open. Lightning never ends it (the process's exit does), so the next
-    run in the same process (a job of a single-process sweep, a second `stellarlab.train`) would log into it."""
+    run in the same process (a job of a single-process sweep, a second `stellarlab.train`) would log into it.
+
+    `wandb.finish` only tells W&B's service process that the run is over; the service writes the run's
+    records to disk after that. Tearing the service down waits for it, so the run folder is complete when
+    training returns (a sync or a copy made straight after would otherwise catch a file with no records).
+    """
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+        wandb.teardown()
