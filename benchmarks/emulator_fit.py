@@ -145,11 +145,11 @@ def optimizer_step(small: bool = False, rounds: int = 5, steps: int = 10) -> dic
 
     from stellarlab.models.emulator import EmulatorRegressor
 
-    n_pixels, hidden, batch = (1000, (32, 32), 32) if small else (8575, (300, 300, 300, 300), 128)
+    n_pixels, network, batch = (1000, {"hidden_sizes": [32, 32]}, 32) if small else (8575, {}, 128)  # {}: the default
     torch.manual_seed(0)
     labels, flux = torch.randn(batch, 3), 1 + 0.01 * torch.randn(batch, n_pixels)
     weight = torch.full((batch, n_pixels), 1e4)
-    models = {fused: EmulatorRegressor(n_pixels, list(LABELS), hidden_sizes=hidden) for fused in (True, False)}
+    models = {fused: EmulatorRegressor(n_pixels, list(LABELS), **network) for fused in (True, False)}
     optimizers = {fused: torch.optim.Adam(m.parameters(), lr=1e-4, fused=fused) for fused, m in models.items()}
     times: dict[bool, list[float]] = {True: [], False: []}
 

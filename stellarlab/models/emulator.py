@@ -115,7 +115,7 @@ class EmulatorRegressor(SpectrumRegressor):
         n_pixels: int,
         label_names,
         kind: Annotated[str, Choice(*KINDS)] = "mlp",
-        hidden_sizes: HiddenSizes = (300, 300, 300, 300),
+        hidden_sizes: HiddenSizes = (300, 300, 300, 128),
         activation: Activation = "silu",
         latent_dims: Annotated[int | None, Number(minimum=0, integer=True, allow_null=True,
                                                   example="model.latent_dims=1")] = None,
