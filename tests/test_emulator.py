@@ -13,6 +13,7 @@ import torch
 from stellarlab.errors import ConfigError
 from stellarlab.models.cannon import fit_quadratic, quadratic_design
 from stellarlab.models.emulator import EmulatorRegressor
+from stellarlab.models.flux_network import FluxNetwork
 from stellarlab.models.spectrum_fit import fit_scatter
 from tests.conftest import ROOT, TINY, compose_config
 
@@ -201,6 +202,20 @@ def test_the_network_starts_at_the_mean_flux_in_units_of_each_pixels_spread():
     with torch.no_grad():
         model.net.out.weight.zero_()  # the network's start is the bias alone: the mean flux, 1 where there is no data
         np.testing.assert_allclose(model.emulate(torch.zeros(1, 3))[0].numpy(), [*flux[:, :4].mean(0), 1.0], atol=1e-4)
+
+
+def test_the_fitted_emulator_is_the_trained_one_latent_labels_included():
+    """The fit's forward pass (basis combined once) gives the flux training learnt: mean + response @ z."""
+    torch.manual_seed(0)
+    net = FluxNetwork(3, 50, [16, 8], "silu", latent_dims=2)
+    with torch.no_grad():
+        net.basis.normal_()
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        mean, response = net.parts(x[:, :3])
+        trained = mean + (response @ x[:, 3:].unsqueeze(-1)).squeeze(-1)
+        np.testing.assert_allclose(net(x).numpy(), trained.numpy(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(net(x), mean, atol=1e-3)  # the latent labels do move the flux
 
 
 def test_a_checkpoint_from_before_the_output_units_loads_as_raw_flux_outputs():

@@ -61,10 +61,14 @@ class FluxNetwork(nn.Module):
         return flux, self.basis @ mix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flux, response = self.parts(x[..., : self.n_labels])
-        if response is None:
+        """m(y) + A c(y) z, with c(y) z (..., rank) formed first: one product with the basis, not one per spectrum."""
+        h = self.trunk(x[..., : self.n_labels])
+        flux = self.out(h) * self.flux_scale
+        if not self.latent_dims:
             return flux
-        return flux + (response @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
+        mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
+        coefficients = (mix @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
+        return flux + coefficients @ self.basis.T
 
     @torch.no_grad()
     def set_output(self, mean: torch.Tensor, spread: torch.Tensor) -> None:
