@@ -51,22 +51,24 @@ class FluxNetwork(nn.Module):
             self.mix = nn.Linear(width, LATENT_RANK * latent_dims)
             self.basis = nn.Parameter(torch.randn(n_pixels, LATENT_RANK) * 1e-3)
 
-    def parts(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(m(y) (..., P), the latent response A c(y) (..., P, k) or None)."""
+    def _mean_and_mix(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(m(y) (..., P), the basis mixing c(y) (..., rank, k) or None)."""
         h = self.trunk(labels)
         flux = self.out(h) * self.flux_scale
         if not self.latent_dims:
             return flux, None
-        mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
-        return flux, self.basis @ mix
+        return flux, self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
+
+    def parts(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(m(y) (..., P), the latent response A c(y) (..., P, k) or None)."""
+        flux, mix = self._mean_and_mix(labels)
+        return flux, None if mix is None else self.basis @ mix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """m(y) + A c(y) z, with c(y) z (..., rank) formed first: one product with the basis, not one per spectrum."""
-        h = self.trunk(x[..., : self.n_labels])
-        flux = self.out(h) * self.flux_scale
-        if not self.latent_dims:
+        flux, mix = self._mean_and_mix(x[..., : self.n_labels])
+        if mix is None:
             return flux
-        mix = self.mix(h).unflatten(-1, (LATENT_RANK, self.latent_dims))
         coefficients = (mix @ x[..., self.n_labels :].unsqueeze(-1)).squeeze(-1)
         return flux + coefficients @ self.basis.T
 
