@@ -14,7 +14,7 @@ from stellarlab.errors import ConfigError
 from stellarlab.models.cannon import fit_quadratic, quadratic_design
 from stellarlab.models.emulator import EmulatorRegressor
 from stellarlab.models.flux_network import FluxNetwork
-from stellarlab.models.spectrum_fit import fit_scatter
+from stellarlab.models.spectrum_fit import fit_scatter, fit_spectra, retry_poor_fits
 from tests.conftest import ROOT, TINY, compose_config
 
 LABELS = ["teff", "logg", "fe_h"]
@@ -140,6 +140,44 @@ def test_a_fit_that_ran_out_of_iterations_or_a_spectrum_of_noise_is_flagged():
     assert not short.converged.any() and (short.iterations == 1).all()
     assert full.converged.all()
     assert (junk.rchi2 > 50).all()  # no label fits a spectrum of pure noise: the goodness of fit says so
+
+
+def test_a_fit_stuck_in_a_wrong_basin_is_retried_from_further_starts_and_the_lower_minimum_kept():
+    # one label, two basins: a deep one at the truth x = 2 and a shallow one near -2 (the linear term tells them apart)
+    g, h = (torch.randn(2, 200, generator=torch.Generator().manual_seed(21)).abs() + 0.5).unbind(0)
+
+    def emulate(x):
+        return 1 + 0.05 * g * (x**2 - 4) ** 2 / 16 + 0.01 * h * x
+
+    truth = torch.tensor([[2.0], [2.0]])
+    flux = emulate(truth) + torch.randn(2, 200, generator=torch.Generator().manual_seed(22)) * 0.01
+    weight, low, high = torch.full_like(flux, IVAR), torch.tensor([-3.0]), torch.tensor([3.0])
+    first = fit_spectra(emulate, flux, weight, low, high, starts=torch.tensor([[[-2.5]], [[2.5]]]))
+    assert first.labels[0, 0] < -1.5 and first.rchi2[0] > 5  # the wrong basin, and its fit says so
+    assert abs(first.labels[1, 0] - 2) < 5 * first.sigma[1, 0] and first.rchi2[1] < 1.5
+    again = torch.tensor([[[2.5], [-1.0]], [[-2.5], [-1.0]]])  # further starts; the right one only for the first
+    fit, retried, improved = retry_poor_fits(emulate, flux, weight, low, high, None, first, again, 1.5)
+    assert (retried, improved) == (1, 1)  # the good fit is not retried (from its starts it would fall in the wrong basin)
+    torch.testing.assert_close(fit.labels[1:], first.labels[1:])
+    assert abs(fit.labels[0, 0] - 2) < 5 * fit.sigma[0, 0] and fit.rchi2.max() < 1.5 and fit.chi2[0] < first.chi2[0]
+    assert fit.converged.all()
+
+
+def test_the_emulator_retries_poor_fits_only_when_asked():
+    model = emulator(seed=23, fit_starts=1)
+    x = inside(model, 40, seed=24)
+    with torch.no_grad():
+        flux = model.emulate(x)
+        flux[:3] = 1 + torch.randn(3, flux.shape[1], generator=torch.Generator().manual_seed(25)) * 0.2  # no label fits
+        weight = torch.full_like(flux, IVAR)
+        model.fit_settings["retry_rchi2"] = None
+        plain = model.fit_spectra(flux, weight)
+        assert model.retry_counts == [0, 0]
+        model.fit_settings["retry_rchi2"] = 1.1
+        retried = model.fit_spectra(flux, weight)
+    assert model.retry_counts[0] == 3  # the three spectra of noise; the good fits (reduced chi-square ~1) are left
+    assert (retried.chi2 <= plain.chi2).all()
+    torch.testing.assert_close(retried.labels[3:], plain.labels[3:])
 
 
 def test_spectra_without_errors_get_their_noise_from_the_flux():
@@ -311,6 +349,8 @@ def test_a_cannon_emulator_fits_its_own_spectra():
         ({"fit_starts": 8, "fit_templates": 4}, r"^model\.fit_starts=8 is more than model\.fit_templates=4"),
         ({"fit_iterations": 0}, r"^model\.fit_iterations=0 is not valid: it must be an integer >= 1"),
         ({"fit_tolerance": 0}, r"^model\.fit_tolerance=0 is not valid: it must be a number > 0"),
+        ({"fit_retry_rchi2": 0}, r"^model\.fit_retry_rchi2=0 is not valid: it must be a number > 0 or null"),
+        ({"fit_retry_rchi2": "often"}, r"^model\.fit_retry_rchi2=often is not valid"),
         ({"hidden_sizes": [0]}, r"^model\.hidden_sizes=\[0\] is not valid"),
         ({"activation": "sigmoidish"}, r"^unknown activation 'sigmoidish'"),
         ({"loss": "gaussian_nll"}, r"^model\.loss=gaussian_nll: the emulator trains on the chi-square of the flux"),
@@ -392,6 +432,9 @@ def test_train_eval_and_predict_end_to_end(model, extra, tmp_path, warm_cache):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     catalog = Table.read(next((tmp_path / "pred").rglob("predictions.csv")), format="ascii.csv")
     assert len(catalog) == 5
-    for label in LABELS:  # the test step's fits, errors included
-        assert (np.abs(catalog[label.upper()] - predictions[f"{label}_pred"][:5]) < 0.01 * predictions[f"{label}_sigma"][:5]).all()
+    for label in LABELS:  # the test step's fits, errors included. Poor fits of this 3-epoch emulator are retried from
+        # 8 starts, and several end in the same minimum within the stopping tolerance (~0.1 sigma): which of them is
+        # lowest can hang on rounding, which differs with the batch (5 spectra here, the whole split in the test step)
+        diff = np.abs(catalog[label.upper()] - predictions[f"{label}_pred"][:5])
+        assert (diff < 0.05 * predictions[f"{label}_sigma"][:5]).all()
         np.testing.assert_allclose(catalog[f"{label.upper()}_ERR"], predictions[f"{label}_sigma"][:5], rtol=1e-3)

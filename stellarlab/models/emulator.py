@@ -50,7 +50,8 @@ from stellarlab.files import atomic_path
 from stellarlab.models import checksum
 from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor
 from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
-from stellarlab.models.flux_network import FluxNetwork
+from stellarlab.models.flux_network import FluxNetwork, pixel_mean_and_spread
+from stellarlab.models.losses import flux_chi2
 from stellarlab.models.mlp import HiddenSizes
 from stellarlab.models.quality import noise_weight
 from stellarlab.models.spectrum_fit import (
@@ -58,6 +59,7 @@ from stellarlab.models.spectrum_fit import (
     fit_scatter,
     fit_spectra,
     inverse_variance,
+    retry_poor_fits,
     template_starts,
 )
 
@@ -71,14 +73,11 @@ FIT_CHUNK = 512
 SCATTER_ROWS = 1000
 #: Validation spectra (the first ones) fitted at the end of training to calibrate the errors: a factor to ~5 %.
 CALIBRATION_ROWS = 800
+#: Further templates (the next best after the first starts) a poor fit is retried from (`fit_retry_rchi2`).
+RETRY_STARTS = 8
 #: A unit Gaussian has half of its |z| below this.
 HALF_NORMAL_MEDIAN = 0.6744897501960817
 KINDS = ("mlp", "quadratic")
-
-
-def _chi2_per_pixel(flux, weight, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of w (flux - model)^2, number of pixels with w > 0)."""
-    return (weight * (flux - model) ** 2).sum(), (weight > 0).sum()
 
 
 class EmulatorRegressor(SpectrumRegressor):
@@ -124,6 +123,8 @@ class EmulatorRegressor(SpectrumRegressor):
         fit_templates: Annotated[int, Number(minimum=1, integer=True, example="model.fit_templates=256")] = 256,
         fit_iterations: Annotated[int, Number(minimum=1, integer=True, example="model.fit_iterations=30")] = 30,
         fit_tolerance: Annotated[float, Number(above=0, example="model.fit_tolerance=0.01")] = 0.01,
+        fit_retry_rchi2: Annotated[float | None, Number(above=0, allow_null=True,
+                                                        example="model.fit_retry_rchi2=1.1")] = 1.1,
         **kwargs,
     ):
         super().__init__(n_pixels=n_pixels, label_names=label_names, **kwargs)
@@ -131,7 +132,9 @@ class EmulatorRegressor(SpectrumRegressor):
         n_labels = len(label_names)
         self.latent_dims = (1 if self.kind == "mlp" else 0) if latent_dims is None else int(latent_dims)
         self.use_scatter = bool(scatter)
-        self.fit_settings = {"n_starts": int(fit_starts), "max_iter": int(fit_iterations), "tol": float(fit_tolerance)}
+        self.fit_settings = {"n_starts": int(fit_starts), "max_iter": int(fit_iterations), "tol": float(fit_tolerance),
+                             "retry_rchi2": None if fit_retry_rchi2 is None else float(fit_retry_rchi2)}
+        self.retry_counts = [0, 0]  # spectra retried, fits improved (reported and reset after each test)
         if self.kind == "mlp":
             self.net = FluxNetwork(n_labels, n_pixels, hidden_sizes, activation, self.latent_dims)
         else:
@@ -195,17 +198,22 @@ class EmulatorRegressor(SpectrumRegressor):
         """The fit in standardised units, latent coordinates included; chunks of FIT_CHUNK spectra."""
         flux, weight = self._clean(flux, weight)
         low, high, prior = self._bounds()
-        scatter2 = self.scatter2 if self.use_scatter else None
-        parts = []
+        scatter2, parts = self.scatter2 if self.use_scatter else None, []
+        first, retry = self.fit_settings["n_starts"], self.fit_settings["retry_rchi2"]
+        steps = (self.fit_settings["max_iter"], self.fit_settings["tol"], prior)
         # float32, gradients off (the Jacobian is forward mode); inference tensors from predict are fine
         with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
             template_flux = self._template_flux()
             for start in range(0, len(flux), FIT_CHUNK):
                 f, w = flux[start : start + FIT_CHUNK], weight[start : start + FIT_CHUNK]
                 starts = template_starts(f, inverse_variance(w, scatter2), self.template_labels, template_flux,
-                                         self.fit_settings["n_starts"])
-                parts.append(fit_spectra(self.net, f, w, low, high, scatter2, starts, self.fit_settings["max_iter"],
-                                         self.fit_settings["tol"], prior))
+                                         first + (RETRY_STARTS if retry is not None else 0))
+                fit = fit_spectra(self.net, f, w, low, high, scatter2, starts[:, :first], *steps)
+                if retry is not None and starts.shape[1] > first:
+                    fit, retried, improved = retry_poor_fits(self.net, f, w, low, high, scatter2, fit,
+                                                             starts[:, first:], retry, *steps)
+                    self.retry_counts = [self.retry_counts[0] + retried, self.retry_counts[1] + improved]
+                parts.append(fit)
         return FitResult(*(torch.cat([getattr(p, name) for p in parts]) for name in FitResult.__dataclass_fields__))
 
     def fit_spectra(self, flux: torch.Tensor, weight: torch.Tensor | None = None) -> FitResult:
@@ -273,16 +281,9 @@ class EmulatorRegressor(SpectrumRegressor):
         chosen = labels[pick].to(self.template_labels)
         self.template_labels.zero_()
         self.template_labels[:, : chosen.shape[1]] = chosen
-        weight = weight.to(self.device).float()
         if self.kind == "mlp":
-            flux, used = flux.to(weight), weight > 0
-            total = weight.sum(0)
-            mean = torch.where(total > 0, (weight * flux).sum(0) / total.clamp(min=1e-30), torch.ones_like(total))
-            # the spread: the flux's variance about the mean across the spectra, less their noise variance 1/w
-            excess = torch.where(used, (flux - mean) ** 2 - 1.0 / weight.clamp(min=1e-30), 0.0)
-            var = excess.sum(0) / used.sum(0).clamp(min=1)
-            spread = torch.where(used.any(0), var.clamp(min=0).sqrt(), torch.ones_like(var))  # no data: any unit
-            self.net.set_output(mean, spread)
+            weight = weight.to(self.device).float()
+            self.net.set_output(*pixel_mean_and_spread(flux.to(weight), weight))
         self.prepared.fill_(True)
 
     # -- training -------------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ class EmulatorRegressor(SpectrumRegressor):
         if not len(labels):
             return None
         with torch.autocast(device_type=flux.device.type, enabled=False):
-            total, count = _chi2_per_pixel(flux, weight, self._emulate_known(labels, flux, weight))
+            total, count = flux_chi2(flux, weight, self._emulate_known(labels, flux, weight))
             loss = total / count.clamp(min=1)
         n = len(flux)
         self._train_loss_sum = self._train_loss_sum + loss.detach() * n
@@ -374,7 +375,7 @@ class EmulatorRegressor(SpectrumRegressor):
         theta, s2 = fit_quadratic(labels, flux, weight, scatter=self.use_scatter)
         self.net.theta.copy_(theta)
         self.scatter2.copy_(s2)
-        total, count = _chi2_per_pixel(flux, weight, self.net(labels))
+        total, count = flux_chi2(flux, weight, self.net(labels))
         self.log("train/loss", float(total / count.clamp(min=1)), on_step=False, on_epoch=True, batch_size=len(flux))
         # no optimizer: the solve counts as the step, so the checkpoint callback saves it
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
@@ -387,7 +388,7 @@ class EmulatorRegressor(SpectrumRegressor):
         flux, weight, labels = self._known(batch)
         with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
             resid = flux - self._emulate_known(labels, flux, weight)
-        total, count = _chi2_per_pixel(resid, weight, torch.zeros_like(resid))
+        total, count = flux_chi2(resid, weight, torch.zeros_like(resid))
         self._val["chi2"] = self._val.get("chi2", 0.0) + float(total)
         self._val["pixels"] = self._val.get("pixels", 0) + int(count)
         kept = self._val.setdefault("rows", [])
@@ -437,6 +438,7 @@ class EmulatorRegressor(SpectrumRegressor):
         self.load_state_dict(current)
         self._templates = None
         self.sigma_scale.copy_(scales[self.trainer.global_step])
+        self.retry_counts = [0, 0]  # the test's count starts here
         log.info("errors calibrated on %d validation spectra: formal error x %s (%s)", len(rows),
                  " / ".join(f"{v:.2f}" for v in self.sigma_scale.tolist()), " / ".join(self.label_names))
 
@@ -480,8 +482,10 @@ class EmulatorRegressor(SpectrumRegressor):
         self.test_results["fit"] = {"rchi2": rchi2, "converged": converged, "at_bound": at_bound}
         self.log("test/converged_fraction", float(converged.mean()), **GLOBAL)
         self.log("test/rchi2_median", float(np.median(rchi2)), **GLOBAL)
-        log.info("test fits: %.1f%% converged, median reduced chi-square %.3f, %.1f%% with a label on its bound",
-                 100 * converged.mean(), np.median(rchi2), 100 * at_bound.mean())
+        log.info("test fits: %.1f%% converged, median reduced chi-square %.3f, %.1f%% with a label on its bound; %d "
+                 "poor fits retried (fit_retry_rchi2), %d of them ended lower", 100 * converged.mean(),
+                 np.median(rchi2), 100 * at_bound.mean(), *self.retry_counts)
+        self.retry_counts = [0, 0]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

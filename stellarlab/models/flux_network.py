@@ -33,6 +33,16 @@ LATENT_RANK = 32
 FLUX_SCALE_FLOOR = 1e-4
 
 
+def pixel_mean_and_spread(flux: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's (P,) weighted mean flux over the spectra (B, P), and its spread: the flux's variance about that
+    mean less the noise variance 1/w, square-rooted (1 where no spectrum has data: any unit will do)."""
+    used, total = weight > 0, weight.sum(0)
+    mean = torch.where(total > 0, (weight * flux).sum(0) / total.clamp(min=1e-30), torch.ones_like(total))
+    excess = torch.where(used, (flux - mean) ** 2 - 1.0 / weight.clamp(min=1e-30), 0.0)
+    var = excess.sum(0) / used.sum(0).clamp(min=1)
+    return mean, torch.where(used.any(0), var.clamp(min=0).sqrt(), torch.ones_like(var))
+
+
 class FluxNetwork(nn.Module):
     """(labels, latent) -> flux: m(y) from a dense network, plus A c(y) z for the k latent labels z."""
 
@@ -98,4 +108,4 @@ class FluxNetwork(nn.Module):
         return mean + (response @ z.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["FLUX_SCALE_FLOOR", "LATENT_RANK", "FluxNetwork"]
+__all__ = ["FLUX_SCALE_FLOOR", "LATENT_RANK", "FluxNetwork", "pixel_mean_and_spread"]

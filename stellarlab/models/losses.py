@@ -1,7 +1,8 @@
 """The losses every model trains on, on standardised labels with NaN marking a missing label.
 
 `masked_mse` for point estimates; `masked_gaussian_nll` (with optional beta-NLL weighting) for models
-that predict a sigma per label; `rms_z`, the validation factor that rescales those sigmas.
+that predict a sigma per label; `rms_z`, the validation factor that rescales those sigmas; `flux_chi2`, the
+emulator's loss on the flux (labels -> spectrum) instead of the labels.
 """
 
 from __future__ import annotations
@@ -54,3 +55,8 @@ def rms_z(mean: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torc
     z2 = (((mean - torch.nan_to_num(target)) / sigma) ** 2) * mask
     counts = mask.sum(0)
     return torch.where(counts > 0, torch.sqrt(z2.sum(0) / counts.clamp(min=1)), torch.ones_like(counts, dtype=z2.dtype))
+
+
+def flux_chi2(flux: torch.Tensor, weight: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of w (flux - model)^2, number of pixels with w > 0): the chi-square of a model spectrum, w the inverse variance."""
+    return (weight * (flux - model) ** 2).sum(), (weight > 0).sum()

@@ -17,7 +17,8 @@ leave the batch, so the remaining iterations cost only the hard ones.
 
 Starts: `template_starts` scores every spectrum against a fixed set of emulated template spectra with two
 matrix products and starts from the `n_starts` best; the fit from each start runs and the lowest chi-square is
-kept. Formal errors are sqrt(diag((J^T C^-1 J)^-1)) at the solution.
+kept. `retry_poor_fits` fits again, from further starts, the spectra whose best fit is still poor. Formal errors
+are sqrt(diag((J^T C^-1 J)^-1)) at the solution.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ Emulator = Callable[[torch.Tensor], torch.Tensor]
 LAMBDA_START, LAMBDA_FACTOR = 1e-2, 10.0
 #: Damping above which a spectrum stops: no step, however small, lowers its chi-square any more.
 LAMBDA_MAX = 1e10
+#: A retried fit replaces the first one only if its chi-square is lower by more than this (one sigma's worth): the
+#: same minimum reached from another start ends within the stopping tolerance of it, and which of two such ends
+#: wins would hang on rounding (the batch's size); another basin worth taking is lower by far more.
+RETRY_MIN_GAIN = 1.0
 
 
 @dataclass
@@ -219,6 +224,30 @@ def fit_spectra(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low
                                  starts.reshape(b * n_starts, -1), low, high, max_iter, tol, prior)
     best = result.chi2.view(b, n_starts).argmin(1) + torch.arange(b, device=flux.device) * n_starts
     return result.select(best)
+
+
+def retry_poor_fits(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                    scatter2: torch.Tensor | None, fit: FitResult, starts: torch.Tensor, rchi2_above: float,
+                    max_iter: int = 30, tol: float = 1e-2, prior: torch.Tensor | None = None) -> tuple[FitResult, int, int]:
+    """(fit, spectra retried, fits improved): every spectrum whose `fit` ended above `rchi2_above` in reduced chi-square
+    is fitted again from its `starts` (B, S, L), other starts than the first fit's; a chi-square lower by more than
+    RETRY_MIN_GAIN is kept.
+
+    A start in the wrong basin (a giant's spectrum whose best template was a dwarf) ends in a local minimum
+    hundreds of chi-square units above the right one, so its reduced chi-square stands out from the good fits'.
+    Only those pay for the extra starts."""
+    poor = torch.nonzero(fit.rchi2 > rchi2_above).flatten()
+    if not len(poor):
+        return fit, 0, 0
+    again = fit_spectra(emulate, flux[poor], weight[poor], low, high, scatter2, starts[poor], max_iter, tol, prior)
+    better = again.chi2 < fit.chi2[poor] - RETRY_MIN_GAIN
+    rows = poor[better]
+    merged = {}
+    for name in FitResult.__dataclass_fields__:
+        column = getattr(fit, name).clone()
+        column[rows] = getattr(again, name)[better]
+        merged[name] = column
+    return FitResult(**merged), len(poor), int(better.sum())
 
 
 def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 10, rtol: float = 1e-3,
