@@ -484,8 +484,8 @@ class EmulatorRegressor(SpectrumRegressor):
         self.log("test/rchi2_median", float(np.median(rchi2)), **GLOBAL)
         log.info("test fits: %.1f%% converged, median reduced chi-square %.3f, %.1f%% with a label on its bound; %d "
                  "poor fits retried (fit_retry_rchi2=%s), %d of them ended lower", 100 * converged.mean(),
-                 np.median(rchi2), 100 * at_bound.mean(), self.retry_counts[0], self.fit_settings["retry_rchi2"] or "null",
-                 self.retry_counts[1])
+                 np.median(rchi2), 100 * at_bound.mean(), self.retry_counts[0],
+                 self.fit_settings["retry_rchi2"] or "null", self.retry_counts[1])
         self.retry_counts = [0, 0]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
