@@ -91,6 +91,76 @@ def fit_throughput(run_dir: Path, dm) -> dict:
             "iterations_mean": float(fit.iterations.float().mean())}
 
 
+#: [Fe/H] ranges of the emulation-error table: the metal-poor edge of the training labels apart from the bulk.
+FE_H_RANGES = ((-np.inf, -2.3), (-2.3, -1.5), (-1.5, -0.5), (-0.5, np.inf))
+
+
+def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
+    """Per split (train, test) and [Fe/H] range: how far the checkpoint's spectra at the true labels are from the
+    generator's noise-free ones, and the label shift that error alone causes in a fit, over each star's bound.
+
+    The emulator learns from noisy spectra; where training stars are few its spectra follow their noise, and
+    the shift it causes is the same on every noise draw. Beside the test fits' RMSE / bound per range it says
+    whether the emulator's error or the noise limits the labels. Every test star; at most `per_range` training
+    stars per range (seeded)."""
+    import torch
+
+    import stellarlab
+    from stellarlab.synthetic import SpectrumGenerator
+    from stellarlab.synthetic.crlb import crlb_from_fisher, fisher_matrix, jacobian, label_bias, pixel_index
+
+    if getattr(dm, "normalization", None) != "true_continuum":
+        return []  # the data's spectra are the generator's only with the true continuum
+    model = stellarlab.load(next((run_dir / "checkpoints").glob("best-*.ckpt")))
+    survey = dm.synthetic_survey()
+    generator = SpectrumGenerator(survey=survey.params["survey"], oversample=int(survey.params.get("oversample", 3)))
+    pixels = pixel_index(generator.wavelength, dm.wavelength)
+    names = list(survey.label_names)
+    fe_h, columns = names.index("fe_h"), [names.index(label) for label in LABELS]
+    rows = []
+    for split in ("train", "test"):
+        arrays = dm.split_arrays(split)
+        true = np.asarray(survey.labels[np.asarray(dm.split_ids(split)["row"], dtype=np.int64)], dtype=np.float32)
+        fitted = None
+        if split == "test":
+            with torch.inference_mode():
+                fit = model.fit_spectra(torch.as_tensor(arrays["flux"][:]), torch.as_tensor(arrays["weight"][:]))
+            fitted = fit.labels.numpy()[:, : len(LABELS)]
+        for low, high in FE_H_RANGES:
+            chosen = np.flatnonzero((true[:, fe_h] > low) & (true[:, fe_h] <= high))
+            if split == "train" and len(chosen) > per_range:
+                chosen = np.sort(np.random.default_rng(0).choice(chosen, per_range, replace=False))
+            if not len(chosen):
+                continue
+            shift, bound, chi2 = [], [], []
+            for start in range(0, len(chosen), 32):
+                part = chosen[start:start + 32]
+                labels = torch.as_tensor(true[part])
+                with torch.no_grad():
+                    clean = generator(labels)
+                jac = jacobian(generator, labels)
+                if pixels is not None:
+                    clean, jac = clean[:, pixels], jac[:, pixels]
+                weight = torch.as_tensor(arrays["weight"][part]).double()
+                standard = (labels[:, columns] - model.label_mean) / model.label_std
+                with torch.no_grad():
+                    emulated = model.emulate_known(standard, clean.float(), weight.float()).double()
+                error = emulated - clean.double()
+                shift.append(label_bias(jac, weight, error)[:, columns])
+                bound.append(crlb_from_fisher(fisher_matrix(jac, weight))[0][:, columns])
+                chi2.append(((weight * error**2).sum(1) / (weight > 0).sum(1)).numpy())
+            shift, bound, chi2 = np.concatenate(shift), np.concatenate(bound), np.concatenate(chi2)
+            rms_bound = np.sqrt((bound**2).mean(0))
+            row = {"split": split, "fe_h": [float(low), float(high)], "n": len(chosen),
+                   "emulation_chi2_per_pixel": float(chi2.mean()),
+                   "shift_over_bound": dict(zip(LABELS, (np.sqrt((shift**2).mean(0)) / rms_bound).tolist()))}
+            if fitted is not None:
+                err = fitted[chosen] - true[chosen][:, columns]
+                row["fit_rmse_over_bound"] = dict(zip(LABELS, (np.sqrt((err**2).mean(0)) / rms_bound).tolist()))
+            rows.append(row)
+    return rows
+
+
 def from_metrics(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out = {"epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"], "labels": {}}
@@ -186,6 +256,7 @@ def run(small: bool = False, cache_dir: str | None = None) -> dict:
             row = {"wall_seconds": time.perf_counter() - start, "overrides": [*overrides, *extra], **from_metrics(run_dir)}
             dm = dm or datamodule(run_dir, cache)
             row.update(fit_throughput(run_dir, dm))
+            row["emulation_error"] = emulation_error(run_dir, dm)
             results["models"][name] = row
         results["n_test"] = len(dm.split_index["test"])
         reference = reference_cannon(dm, crlb(dm), pixel_step=8 if small else 1)
@@ -207,6 +278,18 @@ def print_results(results: dict) -> None:
             cells += f"{r['rmse']:13.4g}{r['ratio']:7.2f}{r.get('within_1sigma', float('nan')):7.2f}"
         wall = row.get("wall_seconds", float("nan"))
         print(f"  {name:10s}{cells}{row['train_seconds']:9.1f}{wall:8.1f}{row['spectra_per_second']:8.0f}")
+    print("  where each model's own spectra limit its labels: chi2/pix of (model - noise-free spectrum) at the true "
+          "labels,\n  the label shift that error alone causes in a fit, and the test fits' RMSE (both over the bound)")
+    print(f"  {'model':10s}{'split':>6s}{'[Fe/H]':>14s}{'n':>5s}{'chi2/pix':>10s}"
+          f"{'shift / bound':>24s}{'fit RMSE / bound':>24s}")
+    for name, row in results["models"].items():
+        for r in row.get("emulation_error", []):
+            low, high = r["fe_h"]
+            ranges = f"<= {high:g}" if low == -np.inf else f"> {low:g}" if high == np.inf else f"{low:g} .. {high:g}"
+            shift = " / ".join(f"{r['shift_over_bound'][label]:.2f}" for label in LABELS)
+            fit = " / ".join(f"{r['fit_rmse_over_bound'][label]:.2f}" for label in LABELS) if r["split"] == "test" else ""
+            print(f"  {name:10s}{r['split']:>6s}{ranges:>14s}{r['n']:5d}{r['emulation_chi2_per_pixel']:10.4g}"
+                  f"{shift:>24s}{fit:>24s}")
     step = results.get("optimizer_step")
     if step:
         print(f"  emulator training step: fused Adam {step['fused_ms']:.1f} ms, per-operation Adam "

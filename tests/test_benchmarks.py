@@ -45,6 +45,13 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
     assert {"emulator", "cannon", "thecannon"} <= set(fits)  # the reference The Cannon runs beside ours
     for row in fits.values():
         assert set(row["labels"]) == {"teff", "logg", "fe_h"} and row["spectra_per_second"] > 0
+    for name in ("emulator", "cannon"):  # each model's own error against the noise-free spectra, train and test stars
+        rows = fits[name]["emulation_error"]
+        assert {row["split"] for row in rows} == {"train", "test"}
+        for row in rows:
+            assert row["emulation_chi2_per_pixel"] > 0
+            assert all(math.isfinite(v) for v in row["shift_over_bound"].values())
+            assert ("fit_rmse_over_bound" in row) == (row["split"] == "test")
     step = results["emulator_fit"]["optimizer_step"]  # fused and per-operation Adam timed side by side
     assert step["fused_ms"] > 0 and step["per_operation_ms"] > 0 and "fused Adam" in proc.stdout
-    assert "overhead" in proc.stdout and "RMSE" in proc.stdout
+    assert "overhead" in proc.stdout and "RMSE" in proc.stdout and "shift / bound" in proc.stdout

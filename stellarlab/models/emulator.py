@@ -326,7 +326,7 @@ class EmulatorRegressor(SpectrumRegressor):
             flux, weight, labels = flux[keep], weight[keep], labels[keep]
         return flux.float(), weight.float(), labels.float()
 
-    def _emulate_known(self, labels, flux, weight) -> torch.Tensor:
+    def emulate_known(self, labels, flux, weight) -> torch.Tensor:
         """Flux at the true labels (latent labels, if any, solved for each spectrum)."""
         return self.net.emulate_known(labels, flux, weight) if self.kind == "mlp" else self.net(labels)
 
@@ -340,7 +340,7 @@ class EmulatorRegressor(SpectrumRegressor):
         if not len(labels):
             return None
         with torch.autocast(device_type=flux.device.type, enabled=False):
-            total, count = flux_chi2(flux, weight, self._emulate_known(labels, flux, weight))
+            total, count = flux_chi2(flux, weight, self.emulate_known(labels, flux, weight))
             loss = total / count.clamp(min=1)
         n = len(flux)
         self._train_loss_sum = self._train_loss_sum + loss.detach() * n
@@ -387,7 +387,7 @@ class EmulatorRegressor(SpectrumRegressor):
     def validation_step(self, batch, batch_idx):
         flux, weight, labels = self._known(batch)
         with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
-            resid = flux - self._emulate_known(labels, flux, weight)
+            resid = flux - self.emulate_known(labels, flux, weight)
         total, count = flux_chi2(resid, weight, torch.zeros_like(resid))
         self._val["chi2"] = self._val.get("chi2", 0.0) + float(total)
         self._val["pixels"] = self._val.get("pixels", 0) + int(count)
