@@ -51,7 +51,7 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
         for row in rows:
             assert row["emulation_chi2_per_pixel"] > 0
             assert all(math.isfinite(v) for v in row["shift_over_bound"].values())
-            assert ("fit_rmse_over_bound" in row) == (row["split"] == "test")
+            assert ("fit_rmse_over_bound" in row) == ("noise_over_bound" in row) == (row["split"] == "test")
     step = results["emulator_fit"]["optimizer_step"]  # fused and per-operation Adam timed side by side
     assert step["fused_ms"] > 0 and step["per_operation_ms"] > 0 and "fused Adam" in proc.stdout
-    assert "overhead" in proc.stdout and "RMSE" in proc.stdout and "shift / bound" in proc.stdout
+    assert "overhead" in proc.stdout and "RMSE" in proc.stdout and "own error" in proc.stdout

@@ -15,7 +15,6 @@ from stellarlab.synthetic.crlb import (
     fisher_matrix,
     generator_fisher,
     jacobian,
-    label_bias,
     pixel_index,
     rms,
     survey_crlb,
@@ -60,23 +59,6 @@ def test_the_weighted_least_squares_fit_of_the_linear_model_reaches_the_bound():
     sigma, _ = crlb_from_fisher(f)
     np.testing.assert_allclose(estimates.mean(0), theta, atol=4 * sigma[0].max() / math.sqrt(n))
     np.testing.assert_allclose(estimates.std(0), sigma[0], rtol=0.03)  # sampling error of a std: 1/sqrt(2n) = 0.5 %
-
-
-def test_label_bias_is_where_a_fit_of_the_wrong_model_ends():
-    """A model spectrum off by e moves the fitted labels by -F^-1 J^T C^-1 e: exact for a linear model, checked
-    against the weighted least-squares fit of the noise-free spectrum with the erroneous model."""
-    a, ivar = _toy(seed=3)
-    theta = np.array([1.0, -2.0, 0.5])
-    shift = np.array([0.3, -0.1, 0.02])
-    jac = np.broadcast_to(a, (1, *a.shape))
-    # a model that is the truth at shifted labels: the fit lands on the labels minus the shift
-    np.testing.assert_allclose(label_bias(jac, ivar[None], (a @ shift)[None]), -shift[None], rtol=1e-10)
-    error = np.random.default_rng(4).normal(scale=0.05, size=len(ivar))  # any error, not in the model's span
-    flux = a @ theta
-    fitted = np.linalg.solve(a.T @ (ivar[:, None] * a), (a.T * ivar) @ (flux - error))  # model: A theta' + error
-    np.testing.assert_allclose(label_bias(jac, ivar[None], error[None])[0], fitted - theta, rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="does not match"):
-        label_bias(jac, ivar[None], error[None, :-1])
 
 
 def test_two_label_bound_and_correlation_are_the_closed_form():

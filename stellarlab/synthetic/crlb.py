@@ -66,26 +66,6 @@ def fisher_matrix(jac: torch.Tensor | np.ndarray, ivar: torch.Tensor | np.ndarra
     return torch.einsum("bpi,bp,bpj->bij", j, w, j).numpy()
 
 
-def label_bias(jac: torch.Tensor | np.ndarray, ivar: torch.Tensor | np.ndarray,
-               model_error: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The shift of the labels (B, K) that a model spectrum off by `model_error` (B, P) causes in a chi-square fit.
-
-    To first order the fit moves the labels until J delta cancels the error in the weighted least-squares sense:
-    delta = -F^-1 J^T C^-1 e, with J (B, P, K) the true spectrum's Jacobian and ivar (B, P) = C^-1. Set beside the
-    bound sqrt(diag F^-1) it says whether an emulator's own error or the noise limits its labels: the noise of
-    many fits averages out, this shift is the same on every noise draw.
-    """
-    j = torch.as_tensor(jac).to(torch.float64)
-    w = torch.as_tensor(ivar).to(torch.float64).expand(j.shape[:2])
-    e = torch.as_tensor(model_error).to(torch.float64)
-    if e.shape != j.shape[:2]:
-        raise ValueError(f"model_error {tuple(e.shape)} does not match the Jacobian's (spectra, pixels) "
-                         f"{tuple(j.shape[:2])}")
-    fisher = torch.einsum("bpi,bp,bpj->bij", j, w, j)
-    pull = torch.einsum("bpi,bp,bp->bi", j, w, e)
-    return -torch.linalg.solve(fisher, pull).numpy()
-
-
 def crlb_from_fisher(fisher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-spectrum bounds sqrt(diag(F^-1)) (B, K) and the correlation matrix of F^-1 (B, K, K).
 
@@ -227,4 +207,4 @@ def crlb_vs_rmse(datamodule, test_metrics: dict, split: str = "test") -> dict | 
     return out
 
 
-__all__ = ["jacobian", "fisher_matrix", "label_bias", "crlb_from_fisher", "generator_fisher", "pixel_index", "survey_crlb", "crlb_vs_rmse", "rms"]
+__all__ = ["jacobian", "fisher_matrix", "crlb_from_fisher", "generator_fisher", "pixel_index", "survey_crlb", "crlb_vs_rmse", "rms"]
