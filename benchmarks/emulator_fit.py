@@ -9,7 +9,8 @@ fraction of test stars within one formal error) come from the run's metrics.json
 best checkpoint is loaded and fits every test spectrum again, timed. The reference is the `TheCannon`
 package (`pip install thecannon`; quadratic model, per-pixel scatter on a grid, `scipy.optimize.curve_fit`
 per star), trained on the same training split and asked for the same test spectra; skipped when it is not
-installed.
+installed. Last, each model's own error apart from the noise, per [Fe/H] range (`emulation_error`): how far a
+model trained on noisy spectra is from the generator's noise-free ones, on its training stars and on new ones.
 """
 
 from __future__ import annotations
