@@ -147,7 +147,8 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
                 bound = crlb_from_fisher(generator_fisher(generator, true[chosen], weight.numpy(), pixels))[0][:, columns]
             scale = np.array([rms(bound[:, j]) for j in range(len(LABELS))])
             ratio = lambda e: dict(zip(LABELS, (np.sqrt((e**2).mean(0)) / scale).tolist()))  # noqa: E731
-            row = {"split": split, "fe_h": [float(low), float(high)], "n": len(chosen),
+            ends = [None if np.isinf(end) else float(end) for end in (low, high)]  # null: open (JSON has no infinity)
+            row = {"split": split, "fe_h": ends, "n": len(chosen),
                    "emulation_chi2_per_pixel": float(((weight * error**2).sum(1) / (weight > 0).sum(1)).mean()),
                    "shift_over_bound": ratio(shift)}
             if tested:
@@ -261,6 +262,46 @@ def run(small: bool = False, cache_dir: str | None = None) -> dict:
     return results
 
 
+def print_own_error(models: dict) -> None:
+    """The `emulation_error` rows of each model, one table."""
+    print("  each model's own error, apart from the noise (over the bound): chi2/pix of its spectrum at the true labels "
+          "against\n  the noise-free one; shift = the labels its fit of the noise-free spectrum returns minus the true "
+          "ones;\n  test stars: the fit of the observed spectrum (RMSE) and its noise part (observed fit - noise-free fit)")
+    print(f"  {'model':10s}{'split':>6s}{'[Fe/H]':>14s}{'n':>5s}{'chi2/pix':>10s}"
+          f"{'shift':>22s}{'noise':>22s}{'fit RMSE':>22s}")
+    for name, row in models.items():
+        for r in row.get("emulation_error", []):
+            low, high = r["fe_h"]
+            ranges = f"<= {high:g}" if low is None else f"> {low:g}" if high is None else f"{low:g} .. {high:g}"
+            cells = ""
+            for key in ("shift_over_bound", "noise_over_bound", "fit_rmse_over_bound"):
+                cells += f" {' / '.join(f'{r[key][label]:.2f}' for label in LABELS) if key in r else '':>21s}"
+            print(f"  {name:10s}{r['split']:>6s}{ranges:>14s}{r['n']:5d}{r['emulation_chi2_per_pixel']:10.4g}{cells}")
+
+
+def own_error_of_run(run_dir: str, cache_dir: str | None) -> dict:
+    """`emulation_error` of a finished run (its best checkpoint) instead of training one; bad input exits in one line."""
+    from omegaconf import OmegaConf
+
+    run = Path(run_dir)
+    if not (run / ".hydra" / "config.yaml").is_file() or not any((run / "checkpoints").glob("best-*.ckpt")):
+        raise SystemExit(f"--run {run_dir}: not a finished training run (no .hydra/config.yaml or checkpoints/best-*.ckpt); "
+                         "pass a run folder, e.g. outputs/<experiment>/train/runs/<time>")
+    model = OmegaConf.load(run / ".hydra" / "config.yaml").model
+    if not str(model.get("_target_", "")).endswith(".EmulatorRegressor"):
+        raise SystemExit(f"--run {run_dir}: its model is {model.get('_target_')}; the own error is that of a spectrum "
+                         "model (model=emulator or model=cannon)")
+    dm = datamodule(run, Path(cache_dir) if cache_dir else ROOT / "data" / "cache")
+    if not callable(getattr(dm, "synthetic_survey", None)):
+        raise SystemExit(f"--run {run_dir}: its data are not a synthetic survey; the own error needs the generator's "
+                         "noise-free spectra")
+    rows = emulation_error(run, dm)
+    if not rows:
+        raise SystemExit(f"--run {run_dir}: trained on data.normalization={dm.normalization}; the noise-free spectra are "
+                         "the generator's with the true continuum only")
+    return {"cannon" if model.get("kind") == "quadratic" else "emulator": {"emulation_error": rows}}
+
+
 def print_results(results: dict) -> None:
     print(f"labels by fitting the whole spectrum ({results.get('n_test', '?')} test spectra"
           f"{', tiny survey' if results['small'] else ''}); ratio = RMSE / Cramér–Rao bound")
@@ -273,19 +314,7 @@ def print_results(results: dict) -> None:
             cells += f"{r['rmse']:13.4g}{r['ratio']:7.2f}{r.get('within_1sigma', float('nan')):7.2f}"
         wall = row.get("wall_seconds", float("nan"))
         print(f"  {name:10s}{cells}{row['train_seconds']:9.1f}{wall:8.1f}{row['spectra_per_second']:8.0f}")
-    print("  each model's own error, apart from the noise (over the bound): chi2/pix of its spectrum at the true labels "
-          "against\n  the noise-free one; shift = the labels its fit of the noise-free spectrum returns minus the true "
-          "ones;\n  test stars: the fit of the observed spectrum (RMSE) and its noise part (observed fit - noise-free fit)")
-    print(f"  {'model':10s}{'split':>6s}{'[Fe/H]':>14s}{'n':>5s}{'chi2/pix':>10s}"
-          f"{'shift':>22s}{'noise':>22s}{'fit RMSE':>22s}")
-    for name, row in results["models"].items():
-        for r in row.get("emulation_error", []):
-            low, high = r["fe_h"]
-            ranges = f"<= {high:g}" if low == -np.inf else f"> {low:g}" if high == np.inf else f"{low:g} .. {high:g}"
-            cells = ""
-            for key in ("shift_over_bound", "noise_over_bound", "fit_rmse_over_bound"):
-                cells += f" {' / '.join(f'{r[key][label]:.2f}' for label in LABELS) if key in r else '':>21s}"
-            print(f"  {name:10s}{r['split']:>6s}{ranges:>14s}{r['n']:5d}{r['emulation_chi2_per_pixel']:10.4g}{cells}")
+    print_own_error(results["models"])
     step = results.get("optimizer_step")
     if step:
         print(f"  emulator training step: fused Adam {step['fused_ms']:.1f} ms, per-operation Adam "
@@ -301,9 +330,14 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny survey and emulator, 2 epochs (CI)")
     parser.add_argument("--cache-dir", help="survey cache folder (default: the repository's data/cache)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--run", help="only the own-error table of this finished run (a synthetic survey), no training")
     args = parser.parse_args()
-    results = run(small=args.small, cache_dir=args.cache_dir)
-    print_results(results)
+    if args.run:
+        results = {"models": own_error_of_run(args.run, args.cache_dir)}
+        print_own_error(results["models"])
+    else:
+        results = run(small=args.small, cache_dir=args.cache_dir)
+        print_results(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -55,3 +55,18 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
     step = results["emulator_fit"]["optimizer_step"]  # fused and per-operation Adam timed side by side
     assert step["fused_ms"] > 0 and step["per_operation_ms"] > 0 and "fused Adam" in proc.stdout
     assert "overhead" in proc.stdout and "RMSE" in proc.stdout and "own error" in proc.stdout
+
+
+def test_the_own_error_of_a_run_refuses_a_folder_that_is_no_spectrum_model_run(tmp_path):
+    """`benchmarks/emulator_fit.py --run DIR`: a folder without a finished run, or a run of another model, is one line."""
+    script = ROOT / "benchmarks" / "emulator_fit.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "not a finished training run" in proc.stderr
+    run = tmp_path / "ridge"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best-epoch000.ckpt").write_bytes(b"")
+    (run / ".hydra" / "config.yaml").write_text("model:\n  _target_: stellarlab.models.ridge.RidgeRegressor\n")
+    proc = subprocess.run([sys.executable, str(script), "--run", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "model=emulator or model=cannon" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
