@@ -140,11 +140,13 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
             with torch.inference_mode():
                 error = model.emulate_known(standard, clean, weight) - clean
                 shift = model.fit_spectra(clean, weight).labels.numpy() - true[chosen][:, columns]
-                fitted = model.fit_spectra(observed, weight).labels.numpy() - true[chosen][:, columns] if tested else None
+                if tested:  # the observed spectra's fit error, for the test stars
+                    fitted = model.fit_spectra(observed, weight).labels.numpy() - true[chosen][:, columns]
             if tested:
                 bound = bounds[chosen]
             else:
-                bound = crlb_from_fisher(generator_fisher(generator, true[chosen], weight.numpy(), pixels))[0][:, columns]
+                fisher = generator_fisher(generator, true[chosen], weight.numpy(), pixels)
+                bound = crlb_from_fisher(fisher)[0][:, columns]
             scale = np.array([rms(bound[:, j]) for j in range(len(LABELS))])
             ratio = lambda e: dict(zip(LABELS, (np.sqrt((e**2).mean(0)) / scale).tolist()))  # noqa: E731
             ends = [None if np.isinf(end) else float(end) for end in (low, high)]  # null: open (JSON has no infinity)
@@ -264,9 +266,10 @@ def run(small: bool = False, cache_dir: str | None = None) -> dict:
 
 def print_own_error(models: dict) -> None:
     """The `emulation_error` rows of each model, one table."""
-    print("  each model's own error, apart from the noise (over the bound): chi2/pix of its spectrum at the true labels "
-          "against\n  the noise-free one; shift = the labels its fit of the noise-free spectrum returns minus the true "
-          "ones;\n  test stars: the fit of the observed spectrum (RMSE) and its noise part (observed fit - noise-free fit)")
+    print("  each model's own error, apart from the noise (over the bound): chi2/pix of its spectrum at the true "
+          "labels against\n  the noise-free one; shift = the labels its fit of the noise-free spectrum returns minus "
+          "the true ones;\n  test stars: the fit of the observed spectrum (RMSE) and its noise part (observed fit - "
+          "noise-free fit)")
     print(f"  {'model':10s}{'split':>6s}{'[Fe/H]':>14s}{'n':>5s}{'chi2/pix':>10s}"
           f"{'shift':>22s}{'noise':>22s}{'fit RMSE':>22s}")
     for name, row in models.items():
@@ -280,13 +283,13 @@ def print_own_error(models: dict) -> None:
 
 
 def own_error_of_run(run_dir: str, cache_dir: str | None) -> dict:
-    """`emulation_error` of a finished run (its best checkpoint) instead of training one; bad input exits in one line."""
+    """`emulation_error` of a finished run (its best checkpoint), no training; bad input exits in one line."""
     from omegaconf import OmegaConf
 
     run = Path(run_dir)
     if not (run / ".hydra" / "config.yaml").is_file() or not any((run / "checkpoints").glob("best-*.ckpt")):
-        raise SystemExit(f"--run {run_dir}: not a finished training run (no .hydra/config.yaml or checkpoints/best-*.ckpt); "
-                         "pass a run folder, e.g. outputs/<experiment>/train/runs/<time>")
+        raise SystemExit(f"--run {run_dir}: not a finished training run (no .hydra/config.yaml or "
+                         "checkpoints/best-*.ckpt); pass a run folder, e.g. outputs/<experiment>/train/runs/<time>")
     model = OmegaConf.load(run / ".hydra" / "config.yaml").model
     if not str(model.get("_target_", "")).endswith(".EmulatorRegressor"):
         raise SystemExit(f"--run {run_dir}: its model is {model.get('_target_')}; the own error is that of a spectrum "
@@ -297,8 +300,8 @@ def own_error_of_run(run_dir: str, cache_dir: str | None) -> dict:
                          "noise-free spectra")
     rows = emulation_error(run, dm)
     if not rows:
-        raise SystemExit(f"--run {run_dir}: trained on data.normalization={dm.normalization}; the noise-free spectra are "
-                         "the generator's with the true continuum only")
+        raise SystemExit(f"--run {run_dir}: trained on data.normalization={dm.normalization}; the noise-free "
+                         "spectra are the generator's with the true continuum only")
     return {"cannon" if model.get("kind") == "quadratic" else "emulator": {"emulation_error": rows}}
 
 

@@ -327,7 +327,7 @@ class EmulatorRegressor(SpectrumRegressor):
         return flux.float(), weight.float(), labels.float()
 
     def emulate_known(self, labels, flux, weight) -> torch.Tensor:
-        """Flux at the true labels (latent labels, if any, solved for each spectrum)."""
+        """Flux (B, P) at known standardised labels (B, L), latent labels (if any) solved against `flux`, `weight`."""
         return self.net.emulate_known(labels, flux, weight) if self.kind == "mlp" else self.net(labels)
 
     def training_step(self, batch, batch_idx):
