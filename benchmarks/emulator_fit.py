@@ -116,8 +116,8 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
     survey = dm.synthetic_survey()
     generator = SpectrumGenerator(survey=survey.params["survey"], oversample=int(survey.params.get("oversample", 3)))
     pixels = pixel_index(generator.wavelength, dm.wavelength)
-    names = list(survey.label_names)
-    fe_h, columns = names.index("fe_h"), [names.index(label) for label in LABELS]
+    names, fitted_labels = list(survey.label_names), list(model.label_names)  # the run's data.labels, in its order
+    fe_h, columns = names.index("fe_h"), [names.index(label) for label in fitted_labels]
     rows = []
     for split in ("train", "test"):
         arrays = dm.split_arrays(split)
@@ -147,8 +147,8 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
             else:
                 fisher = generator_fisher(generator, true[chosen], weight.numpy(), pixels)
                 bound = crlb_from_fisher(fisher)[0][:, columns]
-            scale = np.array([rms(bound[:, j]) for j in range(len(LABELS))])
-            ratio = lambda e: dict(zip(LABELS, (np.sqrt((e**2).mean(0)) / scale).tolist()))  # noqa: E731
+            scale = np.array([rms(bound[:, j]) for j in range(len(columns))])
+            ratio = lambda e: dict(zip(fitted_labels, (np.sqrt((e**2).mean(0)) / scale).tolist()))  # noqa: E731
             ends = [None if np.isinf(end) else float(end) for end in (low, high)]  # null: open (JSON has no infinity)
             row = {"split": split, "fe_h": ends, "n": len(chosen),
                    "emulation_chi2_per_pixel": float(((weight * error**2).sum(1) / (weight > 0).sum(1)).mean()),
@@ -270,6 +270,10 @@ def print_own_error(models: dict) -> None:
           "labels against\n  the noise-free one; shift = the labels its fit of the noise-free spectrum returns minus "
           "the true ones;\n  test stars: the fit of the observed spectrum (RMSE) and its noise part (observed fit - "
           "noise-free fit)")
+    first = next((rows[0] for rows in (m.get("emulation_error") for m in models.values()) if rows), None)
+    if first is None:
+        return
+    print(f"  each cell: {' / '.join(first['shift_over_bound'])}")
     print(f"  {'model':10s}{'split':>6s}{'[Fe/H]':>14s}{'n':>5s}{'chi2/pix':>10s}"
           f"{'shift':>22s}{'noise':>22s}{'fit RMSE':>22s}")
     for name, row in models.items():
@@ -278,7 +282,7 @@ def print_own_error(models: dict) -> None:
             ranges = f"<= {high:g}" if low is None else f"> {low:g}" if high is None else f"{low:g} .. {high:g}"
             cells = ""
             for key in ("shift_over_bound", "noise_over_bound", "fit_rmse_over_bound"):
-                cells += f" {' / '.join(f'{r[key][label]:.2f}' for label in LABELS) if key in r else '':>21s}"
+                cells += f" {' / '.join(f'{value:.2f}' for value in r[key].values()) if key in r else '':>21s}"
             print(f"  {name:10s}{r['split']:>6s}{ranges:>14s}{r['n']:5d}{r['emulation_chi2_per_pixel']:10.4g}{cells}")
 
 
