@@ -66,12 +66,11 @@ def _resampled_predictions(dm, model, n_realisations: int, seed: int = 0) -> np.
     """(R, N, L) physical predictions for R fresh noise draws of each test spectrum (noise as the survey draws it)."""
     import torch
 
-    from stellarlab.synthetic import SpectrumGenerator
     from stellarlab.synthetic.crlb import pixel_index
 
     survey = dm.synthetic_survey()
     idx = dm.split_index["test"]
-    gen = SpectrumGenerator(survey=survey.params["survey"], oversample=int(survey.params.get("oversample", 3)))
+    gen = survey.generator()
     clean = gen.generate(np.asarray(survey.labels[idx]))
     pixels = pixel_index(gen.wavelength, dm.wavelength)
     if pixels is not None:

@@ -107,14 +107,13 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
     import torch
 
     import stellarlab
-    from stellarlab.synthetic import SpectrumGenerator
     from stellarlab.synthetic.crlb import crlb_from_fisher, generator_fisher, pixel_index, rms, survey_crlb
 
     if getattr(dm, "normalization", None) != "true_continuum":
         return []  # the data's spectra are the generator's only with the true continuum
     model = stellarlab.load(next((run_dir / "checkpoints").glob("best-*.ckpt")))
     survey = dm.synthetic_survey()
-    generator = SpectrumGenerator(survey=survey.params["survey"], oversample=int(survey.params.get("oversample", 3)))
+    generator = survey.generator()
     pixels = pixel_index(generator.wavelength, dm.wavelength)
     names, fitted_labels = list(survey.label_names), list(model.label_names)  # the run's data.labels, in its order
     fe_h, columns = names.index("fe_h"), [names.index(label) for label in fitted_labels]
@@ -131,9 +130,8 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
             if not len(chosen):
                 continue
             labels = torch.as_tensor(true[chosen])
-            with torch.no_grad():
-                clean = torch.cat([generator(part) for part in labels.split(32)])
-            clean = (clean if pixels is None else clean[:, pixels]).float()
+            clean = generator.generate(labels)
+            clean = clean if pixels is None else clean[:, pixels]
             weight = torch.as_tensor(arrays["weight"][chosen]).float()
             observed = torch.as_tensor(arrays["flux"][chosen]).float()
             standard = (labels[:, columns] - model.label_mean) / model.label_std

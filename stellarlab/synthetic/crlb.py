@@ -152,7 +152,7 @@ def survey_crlb(datamodule, split: str = "test", batch_size: int = 32) -> dict |
     survey = _survey_of(datamodule)
     if survey is None:
         return None
-    from stellarlab.synthetic import LABEL_NAMES, SpectrumGenerator
+    from stellarlab.synthetic import LABEL_NAMES
 
     # the survey rows of the split (a split of star counts leaves rows out, and rows without data are dropped)
     idx = np.asarray(datamodule.split_ids(split)["row"], dtype=np.int64)
@@ -163,10 +163,9 @@ def survey_crlb(datamodule, split: str = "test", batch_size: int = 32) -> dict |
     if not np.allclose(true[:, chosen], datamodule.tensors[split]["labels_phys"].numpy(), equal_nan=True):
         raise DataError(f"the {split} labels do not match the synthetic survey's; cannot pair spectra with their stars")
     weight = datamodule.tensors[split]["weight"].numpy()
-    params = survey.params
 
     def compute() -> np.ndarray:
-        generator = SpectrumGenerator(survey=params["survey"], oversample=int(params.get("oversample", 3)))
+        generator = survey.generator()
         pixels = pixel_index(generator.wavelength, datamodule.wavelength)
         return generator_fisher(generator, true, weight, pixels, batch_size=batch_size)
 

@@ -55,6 +55,10 @@ class SyntheticSurvey:
     def __len__(self) -> int:
         return int(self.flux.shape[0])
 
+    def generator(self) -> SpectrumGenerator:
+        """The generator of this survey's noise-free spectra (its grid and oversampling), for bounds and truths."""
+        return _generator(self.params.get("survey", self.survey), int(self.params.get("oversample", 3)))
+
 
 @lru_cache(maxsize=4)
 def _generator(survey: str, oversample: int) -> SpectrumGenerator:
