@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from stellarlab.files import write_text_atomic
+
 # name -> module in this package; each has run(small) -> dict and print_results(dict)
 BENCHMARKS = {
     "generator": "benchmarks.generator_speed",
@@ -56,8 +58,7 @@ def main(argv=None) -> int:
         report["results"][name] = results
         print(f"({time.perf_counter() - start:.1f} s)")
     path = args.json or Path(__file__).parent / "results" / (time.strftime("%Y-%m-%d_%H-%M-%S") + (".small" if args.small else "") + ".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2, default=float) + "\n")  # a kill leaves no half file
     print(f"\nwrote {path}")
     return 0
 

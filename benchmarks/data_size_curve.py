@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stellarlab.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("teff", "logg", "fe_h")
 HELD_OUT = 800  # validation and test stars at every size
@@ -103,7 +105,8 @@ def run(small: bool = False, max_epochs: dict | None = None, sizes=None, models=
                 results["runs"][model][n_train] = summary(seconds, metrics, epochs[model])
                 results["total_seconds"] = time.perf_counter() - start
                 if json_path:
-                    Path(json_path).write_text(json.dumps(results, indent=2, default=float) + "\n")
+                    # replaced whole: a kill while writing keeps the sizes finished before
+                    write_text_atomic(json_path, json.dumps(results, indent=2, default=float) + "\n")
     return results
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stellarlab.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("teff", "logg", "fe_h")
 MODELS = {"emulator": ["model=emulator"], "cannon": ["model=cannon"]}
@@ -70,15 +72,20 @@ def crlb(dm) -> np.ndarray:
     return np.array([rms(bounds["sigma"][:, bounds["labels"].index(label)]) for label in LABELS])
 
 
-def fit_throughput(run_dir: Path, dm) -> dict:
-    """Spectra per second of the checkpoint's label fit over the whole test split (one process, CPU)."""
+def best_model(run_dir: Path):
+    """The run's best checkpoint, loaded (a file that cannot be read is a DataError)."""
+    import stellarlab
+
+    return stellarlab.load(next((run_dir / "checkpoints").glob("best-*.ckpt")))
+
+
+def fit_throughput(model, dm) -> dict:
+    """Spectra per second of the model's label fit over the whole test split (one process, CPU)."""
     import torch
 
-    import stellarlab
     from stellarlab.run.allocator import keep_freed_blocks
 
     keep_freed_blocks(1024)  # as train.py and predict.py do: the fit's large temporaries are reused, not faulted in anew
-    model = stellarlab.load(next((run_dir / "checkpoints").glob("best-*.ckpt")))
     test = dm.split_arrays("test")
     flux, weight = torch.as_tensor(test["flux"][:]), torch.as_tensor(test["weight"][:])
     with torch.inference_mode():
@@ -96,8 +103,8 @@ def fit_throughput(run_dir: Path, dm) -> dict:
 FE_H_RANGES = ((-np.inf, -2.3), (-2.3, -1.5), (-1.5, -0.5), (-0.5, np.inf))
 
 
-def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
-    """Per split (train, test) and [Fe/H] range: the checkpoint's own error, apart from the noise.
+def emulation_error(model, dm, per_range: int = 200) -> list[dict]:
+    """Per split (train, test) and [Fe/H] range: a trained emulator's own error, apart from the noise.
 
     Each star's noise-free spectrum (the generator's, at its true labels) is fitted like an observed one: the
     labels that fit returns, minus the true ones, are the model's shift, the same on every noise draw. Beside it
@@ -106,12 +113,10 @@ def emulation_error(run_dir: Path, dm, per_range: int = 200) -> list[dict]:
     RMS over the range in units of the RMS bound. Every test star; at most `per_range` training stars per range."""
     import torch
 
-    import stellarlab
     from stellarlab.synthetic.crlb import crlb_from_fisher, generator_fisher, pixel_index, rms, survey_crlb
 
     if getattr(dm, "normalization", None) != "true_continuum":
         return []  # the data's spectra are the generator's only with the true continuum
-    model = stellarlab.load(next((run_dir / "checkpoints").glob("best-*.ckpt")))
     survey = dm.synthetic_survey()
     generator = survey.generator()
     pixels = pixel_index(generator.wavelength, dm.wavelength)
@@ -251,8 +256,9 @@ def run(small: bool = False, cache_dir: str | None = None) -> dict:
             run_dir = train([*overrides, *extra], tmp / name, cache, in_process=small)
             row = {"wall_seconds": time.perf_counter() - start, "overrides": [*overrides, *extra], **from_metrics(run_dir)}
             dm = dm or datamodule(run_dir, cache)
-            row.update(fit_throughput(run_dir, dm))
-            row["emulation_error"] = emulation_error(run_dir, dm)
+            model = best_model(run_dir)
+            row.update(fit_throughput(model, dm))
+            row["emulation_error"] = emulation_error(model, dm)
             results["models"][name] = row
         results["n_test"] = len(dm.split_index["test"])
         reference = reference_cannon(dm, crlb(dm), pixel_step=8 if small else 1)
@@ -285,24 +291,27 @@ def print_own_error(models: dict) -> None:
 
 
 def own_error_of_run(run_dir: str, cache_dir: str | None) -> dict:
-    """`emulation_error` of a finished run (its best checkpoint), no training; bad input exits in one line."""
+    """`emulation_error` of a finished run (its best checkpoint), no training; bad input is a DataError."""
     from omegaconf import OmegaConf
+
+    from stellarlab.errors import DataError
 
     run = Path(run_dir)
     if not (run / ".hydra" / "config.yaml").is_file() or not any((run / "checkpoints").glob("best-*.ckpt")):
-        raise SystemExit(f"--run {run_dir}: not a finished training run (no .hydra/config.yaml or "
+        raise DataError(f"--run {run_dir}: not a finished training run (no .hydra/config.yaml or "
                          "checkpoints/best-*.ckpt); pass a run folder, e.g. outputs/<experiment>/train/runs/<time>")
     model = OmegaConf.load(run / ".hydra" / "config.yaml").model
     if not str(model.get("_target_", "")).endswith(".EmulatorRegressor"):
-        raise SystemExit(f"--run {run_dir}: its model is {model.get('_target_')}; the own error is that of a spectrum "
+        raise DataError(f"--run {run_dir}: its model is {model.get('_target_')}; the own error is that of a spectrum "
                          "model (model=emulator or model=cannon)")
+    trained = best_model(run)  # before the data: a corrupt checkpoint is found without generating a survey
     dm = datamodule(run, Path(cache_dir) if cache_dir else ROOT / "data" / "cache")
     if not callable(getattr(dm, "synthetic_survey", None)):
-        raise SystemExit(f"--run {run_dir}: its data are not a synthetic survey; the own error needs the generator's "
+        raise DataError(f"--run {run_dir}: its data are not a synthetic survey; the own error needs the generator's "
                          "noise-free spectra")
-    rows = emulation_error(run, dm)
+    rows = emulation_error(trained, dm)
     if not rows:
-        raise SystemExit(f"--run {run_dir}: trained on data.normalization={dm.normalization}; the noise-free "
+        raise DataError(f"--run {run_dir}: trained on data.normalization={dm.normalization}; the noise-free "
                          "spectra are the generator's with the true continuum only")
     return {"cannon" if model.get("kind") == "quadratic" else "emulator": {"emulation_error": rows}}
 
@@ -338,13 +347,18 @@ def main() -> None:
     parser.add_argument("--run", help="only the own-error table of this finished run (a synthetic survey), no training")
     args = parser.parse_args()
     if args.run:
-        results = {"models": own_error_of_run(args.run, args.cache_dir)}
+        import logging
+
+        from stellarlab.errors import command_errors
+
+        with command_errors(logging.getLogger(__name__)):  # a bad folder or checkpoint: one `error:` line, exit 2
+            results = {"models": own_error_of_run(args.run, args.cache_dir)}
         print_own_error(results["models"])
     else:
         results = run(small=args.small, cache_dir=args.cache_dir)
         print_results(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -58,15 +58,20 @@ def test_benchmarks_small_mode_runs_and_writes_figures(tmp_path):
 
 
 def test_the_own_error_of_a_run_refuses_a_folder_that_is_no_spectrum_model_run(tmp_path):
-    """`benchmarks/emulator_fit.py --run DIR`: a folder without a finished run, or a run of another model, is one line."""
+    """`benchmarks/emulator_fit.py --run DIR`: a folder without a finished run, or a run of another model, is one `error:` line, exit 2."""
     script = ROOT / "benchmarks" / "emulator_fit.py"
     proc = subprocess.run([sys.executable, str(script), "--run", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "not a finished training run" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --run") and "not a finished training run" in proc.stderr
     run = tmp_path / "ridge"
     (run / ".hydra").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "best-epoch000.ckpt").write_bytes(b"")
     (run / ".hydra" / "config.yaml").write_text("model:\n  _target_: stellarlab.models.ridge.RidgeRegressor\n")
     proc = subprocess.run([sys.executable, str(script), "--run", str(run)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "model=emulator or model=cannon" in proc.stderr
+    assert proc.returncode == 2 and "model=emulator or model=cannon" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    (run / ".hydra" / "config.yaml").write_text("model:\n  _target_: stellarlab.models.emulator.EmulatorRegressor\n"
+                                                "data:\n  _target_: stellarlab.data.synthetic.SyntheticDataModule\n")
+    (run / "checkpoints" / "best-epoch000.ckpt").write_bytes(b"PK\x03\x04 cut short")  # a corrupt checkpoint
+    proc = subprocess.run([sys.executable, str(script), "--run", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "cannot be read" in proc.stderr
