@@ -122,6 +122,7 @@ def emulation_error(model, dm, per_range: int = 200) -> list[dict]:
     pixels = pixel_index(generator.wavelength, dm.wavelength)
     names, fitted_labels = list(survey.label_names), list(model.label_names)  # the run's data.labels, in its order
     fe_h, columns = names.index("fe_h"), [names.index(label) for label in fitted_labels]
+    nuisance = model.nuisance  # nuisance labels: inputs of the emulator, fitted beside the labels
     rows = []
     for split in ("train", "test"):
         arrays = dm.split_arrays(split)
@@ -140,6 +141,9 @@ def emulation_error(model, dm, per_range: int = 200) -> list[dict]:
             weight = torch.as_tensor(arrays["weight"][chosen]).float()
             observed = torch.as_tensor(arrays["flux"][chosen]).float()
             standard = (labels[:, columns] - model.label_mean) / model.label_std
+            if nuisance["names"]:  # the emulator's further inputs, standardised as in training
+                extra = (labels[:, [names.index(n) for n in nuisance["names"]]] - torch.tensor(nuisance["mean"]))
+                standard = torch.cat([standard, extra / torch.tensor(nuisance["std"])], 1)
             with torch.inference_mode():
                 error = model.emulate_known(standard, clean, weight) - clean
                 shift = model.fit_spectra(clean, weight).labels.numpy() - true[chosen][:, columns]
@@ -176,7 +180,8 @@ def from_metrics(run_dir: Path) -> dict:
 
 
 def reference_cannon(dm, bound: np.ndarray, pixel_step: int = 1) -> dict | None:
-    """TheCannon (the PyPI package `thecannon`) on the same split; None when it is not installed.
+    """TheCannon (the PyPI package `thecannon`) on the same split and the same labels as `model=cannon` (the run's
+    labels, then its nuisance labels); None when it is not installed.
 
     Its training loops over pixels in Python (a grid of scatters, each a least-squares solve), which takes about
     half a minute on any survey of this grid, so the small benchmark gives it every `pixel_step`-th pixel only."""
@@ -191,17 +196,19 @@ def reference_cannon(dm, bound: np.ndarray, pixel_step: int = 1) -> dict | None:
     arrays = {split: (np.array(t["flux"][:][:, cols], dtype=np.float64), np.array(t["weight"][:][:, cols], dtype=np.float64),
                       t["labels_phys"].numpy().astype(np.float64)) for split, t in (("train", train), ("test", test))}
     (tr_flux, tr_ivar, tr_labels), (te_flux, te_ivar, te_labels) = arrays["train"], arrays["test"]
+    if dm.nuisance_names:  # trained on them too, like model=cannon; only the labels are scored
+        tr_labels = np.hstack([tr_labels, dm.nuisance_scaler.inverse(train["nuisance"]).numpy().astype(np.float64)])
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         ds = dataset.Dataset(dm.wavelength[cols], np.arange(len(tr_flux)).astype(str), tr_flux, tr_ivar, tr_labels,
                              np.arange(len(te_flux)).astype(str), te_flux, te_ivar)
-        ds.set_label_names(list(LABELS))
+        ds.set_label_names(list(LABELS) + list(dm.nuisance_names))
         model = cannon_model.CannonModel(2, useErrors=False)
         model.train(ds)
         trained = time.perf_counter()
         errors, _ = model.infer_labels(ds)
     done = time.perf_counter()
-    pred = np.asarray(ds.test_label_vals)
+    pred, errors = np.asarray(ds.test_label_vals)[:, : len(LABELS)], np.asarray(errors)[:, : len(LABELS)]
     rmse = np.sqrt(np.mean((pred - te_labels) ** 2, axis=0))
     z = (pred - te_labels) / errors
     return {"pixel_step": pixel_step, "train_seconds": trained - start, "fit_seconds": done - trained, "spectra_per_second": len(te_flux) / (done - trained),
@@ -218,9 +225,10 @@ def optimizer_step(small: bool = False, rounds: int = 5, steps: int = 10) -> dic
 
     n_pixels, network, batch = (1000, {"hidden_sizes": [32, 32]}, 32) if small else (8575, {}, 128)  # {}: the default
     torch.manual_seed(0)
-    labels, flux = torch.randn(batch, 3), 1 + 0.01 * torch.randn(batch, n_pixels)
+    labels, flux = torch.randn(batch, len(LABELS) + 1), 1 + 0.01 * torch.randn(batch, n_pixels)
     weight = torch.full((batch, n_pixels), 1e4)
-    models = {fused: EmulatorRegressor(n_pixels, list(LABELS), **network) for fused in (True, False)}
+    nuisance = {"names": ["alpha_fe"], "mean": [0.0], "std": [1.0], "min": [-3.0], "max": [3.0]}  # as on the survey
+    models = {fused: EmulatorRegressor(n_pixels, list(LABELS), nuisance_labels=nuisance, **network) for fused in (True, False)}
     optimizers = {fused: torch.optim.Adam(m.parameters(), lr=1e-4, fused=fused) for fused, m in models.items()}
     times: dict[bool, list[float]] = {True: [], False: []}
 

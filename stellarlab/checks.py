@@ -185,13 +185,17 @@ class PositiveNumbers(Rule):
 
 @dataclass(frozen=True, kw_only=True)
 class NameList(Rule):
-    """One or more non-empty names, each once (case-insensitively: catalogue columns are matched that way)."""
+    """One or more non-empty names (none at all with `allow_empty`), each once (case-insensitively: catalogue
+    columns are matched that way)."""
 
     example: str
+    allow_empty: bool = False
 
     def check(self, key: str, value: Any) -> None:
-        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
-            raise ConfigError(f"{key}={_show(value)} is not valid: name one or more labels, e.g. {self.example}")
+        valid = isinstance(value, (list, tuple)) and (bool(value) or self.allow_empty)
+        if not valid or not all(isinstance(n, str) and n for n in value):
+            many = "zero or more" if self.allow_empty else "one or more"
+            raise ConfigError(f"{key}={_show(value)} is not valid: name {many} labels, e.g. {self.example}")
         twice = sorted({n for n in value if [m.lower() for m in value].count(n.lower()) > 1})
         if twice:
             raise ConfigError(f"{key}={_show(value)} names {', '.join(twice)} more than once; list each label once")

@@ -156,3 +156,46 @@ def test_batch_norm_trains_when_the_training_set_leaves_one_spectrum_over():
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 8 and torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+class EveryLabelDataModule(ArraysDataModule):
+    """Arrays holding every label of the data, as the synthetic surveys hand over theirs."""
+
+    reads_every_label = True
+
+
+def test_nuisance_labels_are_standardised_on_the_training_split_and_passed_to_the_model():
+    a = make_arrays(n=400)
+    dm = EveryLabelDataModule(a, labels=["teff", "logg"], nuisance_labels=["fe_h"], split=[0.5, 0.25, 0.25],
+                              batch_size=16, split_seed=3)
+    dm.setup()
+    train_fe_h = a.labels[dm.split_index["train"], 2]
+    spec = dm.model_spec()["nuisance_labels"]
+    assert spec["names"] == ["fe_h"]
+    np.testing.assert_allclose(spec["mean"], [train_fe_h.mean()], rtol=1e-5)
+    np.testing.assert_allclose(spec["std"], [train_fe_h.std()], rtol=1e-5)
+    for split, rows in dm.split_index.items():  # standardised with the training split's mean and std, row by row
+        expected = (a.labels[rows, 2] - train_fe_h.mean()) / train_fe_h.std()
+        np.testing.assert_allclose(dm.tensors[split]["nuisance"][:, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
+    train = dm.tensors["train"]["nuisance"][:, 0]
+    assert spec["min"] == pytest.approx([float(train.min())]) and spec["max"] == pytest.approx([float(train.max())])
+    assert dm.tensors["train"]["labels"].shape[1] == 2  # the targets are the labels alone
+
+
+def test_a_nuisance_label_that_is_also_a_label_is_a_target_and_none_means_none():
+    dm = EveryLabelDataModule(make_arrays(), nuisance_labels=["fe_h"], batch_size=16)
+    dm.setup()
+    assert dm.nuisance_names == [] and dm.model_spec()["nuisance_labels"] is None
+    assert dm.tensors["train"]["nuisance"].shape == (len(dm.split_index["train"]), 0)
+
+
+def test_nuisance_labels_that_are_not_in_the_data_or_that_a_survey_reader_cannot_read_are_refused():
+    dm = EveryLabelDataModule(make_arrays(), labels=["teff"], nuisance_labels=["alpha_fe"], batch_size=16)
+    with pytest.raises(DataError, match=r"^nuisance label\(s\) \['alpha_fe'\] \(data\.nuisance_labels\) not in the data; "
+                                        r"available labels: \['teff', 'logg', 'fe_h'\]"):
+        dm.setup()
+    with pytest.raises(ConfigError, match=r"^data\.nuisance_labels=\['fe_h'\]: ArraysDataModule reads the columns of "
+                                          r"data\.labels alone"):
+        ArraysDataModule(make_arrays(), labels=["teff"], nuisance_labels=["fe_h"], batch_size=16)
+    with pytest.raises(ConfigError, match=r"^data\.nuisance_labels=fe_h is not valid: name zero or more labels"):
+        EveryLabelDataModule(make_arrays(), nuisance_labels="fe_h", batch_size=16)

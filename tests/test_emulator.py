@@ -69,6 +69,42 @@ def test_the_fit_recovers_the_labels_of_noise_free_emulator_spectra(latent_dims)
     assert (fit.sigma > 0).all() and torch.isfinite(fit.sigma).all()
 
 
+NUISANCE = {"names": ["alpha_fe"], "mean": [0.1], "std": [0.15], "min": [-1.0], "max": [2.0]}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "quadratic"])
+def test_nuisance_labels_are_inputs_of_the_emulator_and_free_in_every_fit(kind):
+    model = emulator(kind=kind, nuisance_labels=NUISANCE, fit_tolerance=1e-6, fit_starts=3, seed=5)
+    if kind == "quadratic":
+        with torch.no_grad():
+            model.net.theta.normal_(0, 0.02, generator=torch.Generator().manual_seed(6))
+            model.net.theta[:, 0] = 0.9
+    low, high, _ = model._bounds()  # the nuisance label's standardised training range beside the labels'
+    assert low.tolist()[3:] == [-1.0] and high.tolist()[3:] == [2.0]
+    x, nuisance = inside(model, 30), torch.linspace(-0.8, 1.8, 30)[:, None]
+    with torch.no_grad():
+        flux = model.emulate(torch.cat([x, nuisance], 1))
+        fit = model.fit_spectra(flux, torch.full_like(flux, IVAR))
+        held = model.emulate(torch.cat([x, torch.zeros_like(nuisance)], 1))
+    assert fit.labels.shape == (30, 3) and fit.converged.all()  # the labels are reported; the nuisance is fitted
+    np.testing.assert_allclose(((fit.labels - model.label_mean) / model.label_std).numpy(), x.numpy(), atol=1e-3)
+    assert ((flux - held) ** 2 * IVAR).sum(1).median() > 10  # the nuisance label shapes the spectra: it had to be fitted
+
+
+def test_nuisance_labels_take_the_place_of_the_default_latent_label():
+    assert EmulatorRegressor(10, LABELS).latent_dims == 1
+    assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE).latent_dims == 0
+    assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE, latent_dims=2).latent_dims == 2
+
+
+def test_training_reads_the_nuisance_labels_and_skips_rows_without_them():
+    model = emulator(nuisance_labels=NUISANCE)
+    batch = {"flux": torch.ones(4, 300), "weight": torch.full((4, 300), IVAR), "labels": torch.zeros(4, 3),
+             "nuisance": torch.tensor([[0.5], [float("nan")], [-0.5], [0.0]])}
+    flux, weight, inputs = model._known(batch)
+    assert inputs.shape == (3, 4) and inputs[:, 3].tolist() == [0.5, -0.5, 0.0]
+
+
 def test_formal_errors_match_the_scatter_of_repeated_noisy_fits_of_one_spectrum():
     model = emulator(seed=2, scatter=False)
     x = inside(model, 1, seed=3)
@@ -363,12 +399,23 @@ def test_bad_options_are_one_line_config_errors(kwargs, match):
 
 
 @pytest.mark.parametrize("override, match", [("model.kind=cannon", "model.kind=cannon is not valid"),
-                                             ("model.fit_tolerance=-1", "model.fit_tolerance=-1 is not valid")])
+                                             ("model.fit_tolerance=-1", "model.fit_tolerance=-1 is not valid"),
+                                             ("data.nuisance_labels=[vsini]", "the synthetic survey has no label vsini"),
+                                             ("data.nuisance_labels=alpha_fe", "name zero or more labels")])
 def test_the_config_check_refuses_bad_options_before_training(override, match, tmp_path):
     from stellarlab.run.validation import validate_train_config
 
     with pytest.raises(ConfigError, match=match):
         validate_train_config(compose_config(["model=emulator", override], tmp_path=tmp_path))
+
+
+def test_a_survey_reader_refuses_nuisance_labels_before_training(tmp_path):
+    from stellarlab.run.validation import validate_train_config
+
+    cfg = compose_config(["model=emulator", "data=apogee", "+data.nuisance_labels=[alpha_m]"], tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.nuisance_labels=\['alpha_m'\]: APOGEEDataModule reads the columns "
+                                          r"of data\.labels alone"):
+        validate_train_config(cfg)
 
 
 def test_both_configs_build_the_emulator_and_it_reads_the_pixel_weights(tmp_path):
@@ -378,7 +425,7 @@ def test_both_configs_build_the_emulator_and_it_reads_the_pixel_weights(tmp_path
         cfg = compose_config([f"model={name}"], tmp_path=tmp_path)
         model = hydra.utils.instantiate(cfg.model, n_pixels=50, label_names=LABELS, optimizer=cfg.optimizer)
         assert isinstance(model, EmulatorRegressor) and model.kind == kind and model.latent_dims == latent
-        assert model.batch_keys == ("flux", "weight", "labels")
+        assert model.batch_keys == ("flux", "weight", "labels", "nuisance")
 
 
 # -- end to end through train.py, eval.py and predict.py -------------------------------------------------

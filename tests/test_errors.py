@@ -208,6 +208,10 @@ TRAIN_CONFIG_CASES = [
     ("closed-form model validated every 2 epochs", ["model=ridge", "trainer.check_val_every_n_epoch=2"],
      r"trainer\.check_val_every_n_epoch=2: stellarlab\.models\.ridge\.RidgeRegressor is fitted in 1 epoch\(s\), so validation would never run",
      r"set trainer\.check_val_every_n_epoch=1"),
+    ("nuisance label the synthetic survey lacks", ["data.nuisance_labels=[vsini]"],
+     r"data\.nuisance_labels=\[vsini\]: the synthetic survey has no label vsini", r"its labels are teff, logg, fe_h, alpha_fe"),
+    ("nuisance labels not a list", ["data.nuisance_labels=alpha_fe"], r"data\.nuisance_labels=alpha_fe is not valid",
+     r"name zero or more labels, e\.g\. data\.nuisance_labels=\[alpha_fe\]"),
 ]
 for _name, _overrides, _problem, _fix in TRAIN_CONFIG_CASES:
     case(_name, _problem, _fix)(lambda env, o=tuple(_overrides): run_train(env, *o))

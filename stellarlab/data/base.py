@@ -109,6 +109,9 @@ class SpectraDataModule(pl.LightningDataModule):
     #: What the star ids are when they name a star across the whole survey (APOGEE's "APOGEE_ID"), so that
     #: another selection of it can be checked against a training split star by star; None: ids of this data only.
     star_id_name: ClassVar[str | None] = None
+    #: Whether `load_arrays` hands over every label the data has (the synthetic surveys), so `nuisance_labels` can
+    #: be read beside `labels`; the survey readers read the columns of `labels` alone.
+    reads_every_label: ClassVar[bool] = False
 
     def __new__(cls, *args, **kwargs):
         check_call(cls, args, kwargs, "data")
@@ -127,9 +130,13 @@ class SpectraDataModule(pl.LightningDataModule):
         device_resident_max_gb: Annotated[float, Number(minimum=0, example="data.device_resident_max_gb=4")] = 4.0,
         in_memory: Annotated[bool | str, Switch()] = "auto",
         in_memory_max_gb: Annotated[float, Number(minimum=0, example="data.in_memory_max_gb=1")] = 1.0,
+        nuisance_labels: Annotated[Sequence[str], NameList(example="data.nuisance_labels=[alpha_fe]",
+                                                           allow_empty=True)] = (),
     ):
         super().__init__()
         self.label_names = [str(n) for n in labels]
+        # labels the spectra depend on that the run does not predict; one that is also in data.labels is a target
+        self.nuisance_names = [str(n) for n in nuisance_labels if str(n).lower() not in {m.lower() for m in labels}]
         self.split = list(split)
         self.split_seed = int(split_seed)
         self.batch_size = int(batch_size)
@@ -142,12 +149,23 @@ class SpectraDataModule(pl.LightningDataModule):
         self.in_memory_max_gb = float(in_memory_max_gb)
         self.streaming = False  # decided in setup: True when flux/weight are read from their file per batch
         self.scaler: LabelScaler | None = None
+        self.nuisance_scaler: LabelScaler | None = None
         self.wavelength: np.ndarray | None = None
         self.split_index: dict[str, np.ndarray] = {}
         self._split_ids: dict[str, dict[str, np.ndarray]] = {}
         self._split_record: dict | None = None
         self.tensors: dict[str, dict[str, torch.Tensor | SplitRows]] = {}
         self._device_tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def check_together(cls, values: Mapping[str, Any]) -> None:
+        nuisance = list(values.get("nuisance_labels") or ())
+        if nuisance and not cls.reads_every_label:
+            raise ConfigError(
+                f"data.nuisance_labels={nuisance}: {cls.__name__} reads the columns of data.labels alone; nuisance "
+                "labels work with the synthetic surveys (data=synthetic_apogee, data=synthetic_galah): set "
+                "data.nuisance_labels=[]"
+            )
 
     @classmethod
     def planned_size(cls, values: Mapping[str, Any]) -> PlannedSize | None:
@@ -169,11 +187,13 @@ class SpectraDataModule(pl.LightningDataModule):
             return
         arrays = self.load_arrays()
         source, labels, star_id, keep = self._validated(arrays)
+        nuisance = self._nuisance(arrays)[keep]
         self.wavelength = np.asarray(arrays.wavelength, dtype=np.float64)
 
         self.split_index = dict(zip(SPLITS, split_by_star(star_id, self.split, self.split_seed)))
         train = self.split_index["train"]
         self.scaler = LabelScaler.fit(labels[train], self.label_names)
+        self.nuisance_scaler = LabelScaler.fit(nuisance[train], self.nuisance_names) if self.nuisance_names else None
         if self.batch_size > len(train):
             raise ConfigError(f"data.batch_size={self.batch_size} is larger than the training set ({len(train)} spectra); "
                               "lower data.batch_size or use more stars")
@@ -184,6 +204,7 @@ class SpectraDataModule(pl.LightningDataModule):
             rows = kept_rows[idx]
             pixels = {key: SplitRows(source, key, rows) if self.streaming else source.copy(key, rows) for key in PIXEL_KEYS}
             self.tensors[name] = {**pixels, "labels": self.scaler.transform(phys).float(), "labels_phys": phys}
+            self.tensors[name]["nuisance"] = self._standard_nuisance(nuisance[idx])
         for name, extra in arrays.extra.items():
             kept = np.asarray(extra)[keep]  # split indices count the rows _validated kept
             for split, idx in self.split_index.items():
@@ -195,6 +216,23 @@ class SpectraDataModule(pl.LightningDataModule):
         log.info("split by star (seed %d): %s spectra; labels %s standardised with train mean %s, std %s", self.split_seed,
                  "/".join(str(len(i)) for i in self.split_index.values()), self.label_names,
                  np.round(self.scaler.mean, 4).tolist(), np.round(self.scaler.std, 4).tolist())
+
+    def _nuisance(self, a: SpectraArrays) -> np.ndarray:
+        """The nuisance labels' columns (N, K), physical units (K may be 0)."""
+        names = list(a.label_names)
+        missing = [n for n in self.nuisance_names if n not in names]
+        if missing:
+            raise DataError(f"nuisance label(s) {missing} (data.nuisance_labels) not in the data; available labels: "
+                            f"{names}; set data.nuisance_labels=[] or name columns the data has")
+        nuisance = np.asarray(a.labels, dtype=np.float32)[:, [names.index(n) for n in self.nuisance_names]]
+        if np.isinf(nuisance).any():
+            raise DataError("nuisance labels contain +-inf; mark missing labels with NaN instead")
+        return nuisance
+
+    def _standard_nuisance(self, phys: np.ndarray) -> torch.Tensor:
+        """Standardised nuisance labels (N, K) of some rows: with the training split's mean and std, like the labels."""
+        phys_t = torch.from_numpy(np.ascontiguousarray(phys, dtype=np.float32))
+        return phys_t if self.nuisance_scaler is None else self.nuisance_scaler.transform(phys_t).float()
 
     def _decide_streaming(self, source: PixelSource, n_rows: int) -> bool:
         """in_memory=auto streams memory-mapped arrays whose float32 flux + weight exceed in_memory_max_gb."""
@@ -323,7 +361,18 @@ class SpectraDataModule(pl.LightningDataModule):
             "label_std": [float(x) for x in self.scaler.std],
             "label_min": [float(x) for x in np.nanmin(train, axis=0)],
             "label_max": [float(x) for x in np.nanmax(train, axis=0)],
+            "nuisance_labels": self.nuisance_spec(),
         }
+
+    def nuisance_spec(self) -> dict | None:
+        """Names, training mean and std, and standardised training range of the nuisance labels (None without any):
+        a model that emulates spectra (`model=emulator`) takes them as inputs and fits them beside the labels."""
+        if not self.nuisance_names:
+            return None
+        train = self.tensors["train"]["nuisance"].numpy()
+        return {"names": list(self.nuisance_names), "mean": [float(x) for x in self.nuisance_scaler.mean],
+                "std": [float(x) for x in self.nuisance_scaler.std],
+                "min": [float(x) for x in np.nanmin(train, axis=0)], "max": [float(x) for x in np.nanmax(train, axis=0)]}
 
     def preprocessing_config(self) -> dict:
         """What must be done to a new spectrum before a model trained on this data sees it.

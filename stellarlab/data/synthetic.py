@@ -97,6 +97,7 @@ class SyntheticDataModule(SpectraDataModule):
     """Spectra from `stellarlab.synthetic.make_survey`, generated once and cached on disk by their parameters."""
 
     survey_name: ClassVar[str] = "synthetic"  # its entry in stellarlab.data.surveys: nothing to download
+    reads_every_label: ClassVar[bool] = True  # every generator label is in the survey: nuisance labels work
 
     def __init__(
         self,
@@ -148,12 +149,13 @@ class SyntheticDataModule(SpectraDataModule):
                 "data.normalization=pseudo_continuum is the apStar per-chip continuum fit and applies to the APOGEE grid "
                 "only; GALAH spectra come normalised by their pipeline: set data.normalization=true_continuum for survey=galah"
             )
-        unknown = [n for n in given["labels"] if n not in LABEL_NAMES]
-        if unknown:
-            raise ConfigError(
-                f"data.labels={_show(list(given['labels']))}: the synthetic survey has no label {', '.join(unknown)}; "
-                f"its labels are {', '.join(LABEL_NAMES)}"
-            )
+        for key in ("labels", "nuisance_labels"):
+            unknown = [n for n in given[key] if n not in LABEL_NAMES]
+            if unknown:
+                raise ConfigError(
+                    f"data.{key}={_show(list(given[key]))}: the synthetic survey has no label {', '.join(unknown)}; "
+                    f"its labels are {', '.join(LABEL_NAMES)}"
+                )
 
     @classmethod
     def planned_size(cls, values: Mapping[str, Any]) -> PlannedSize:

@@ -20,7 +20,8 @@ net, their overall level from held-out stars (the factor grows over training as 
 
 A checkpoint also carries a SHA-256 of its weights (`stellarlab.models.checksum`: flipped bytes still
 unpickle, and would predict confident nonsense) and the training labels' range (`label_min`,
-`label_max`), outside which predict.py flags a prediction. `logged_metrics` names what a fit logs, so a
+`label_max`), outside which predict.py flags a prediction. `nuisance_labels` (the data's, `model_spec`) is for
+models that emulate spectra; one that reads labels off a spectrum keeps it in its hyperparameters only. `logged_metrics` names what a fit logs, so a
 misspelt `optimized_metric` is refused before training.
 """
 
@@ -134,6 +135,7 @@ class SpectrumRegressor(Predicting, pl.LightningModule):
         label_std: Sequence[float] | None = None,
         label_min: Sequence[float] | None = None,
         label_max: Sequence[float] | None = None,
+        nuisance_labels: Mapping[str, Any] | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         wavelength: torch.Tensor | None = None,

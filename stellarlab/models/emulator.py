@@ -13,7 +13,10 @@ emulator to a much lower chi-square than a constant rate in the same epochs, and
 kind=quadratic (The Cannon): flux quadratic in the labels, fitted in closed form in one pass
 (`stellarlab.models.cannon`), with a per-pixel intrinsic scatter.
 
-Latent labels (`latent_dims`, mlp): nuisance labels learnt from the spectra, for what the listed labels
+Nuisance labels (`data.nuisance_labels`, e.g. the synthetic survey's [alpha/Fe]): labels the spectra depend on
+that the run does not predict. They are inputs of the emulator beside the labels (known for the training spectra)
+and free in every fit, within their training range, so the labels' errors include what not knowing them costs.
+Latent labels (`latent_dims`, mlp): nuisance labels learnt from the spectra, for what the data's labels
 leave out (`stellarlab.models.flux_network`); in a fit they are free beside the labels, with a N(0, 1) prior.
 
 Intrinsic scatter (`scatter`): per pixel, the variance of what the emulator does not reproduce, added to
@@ -53,9 +56,10 @@ from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
 from stellarlab.models.flux_network import FluxNetwork, pixel_mean_and_spread
 from stellarlab.models.losses import flux_chi2
 from stellarlab.models.mlp import HiddenSizes
-from stellarlab.models.quality import noise_weight
+from stellarlab.models.quality import usable_pixels
 from stellarlab.models.spectrum_fit import (
     FitResult,
+    error_scale,
     fit_scatter,
     fit_spectra,
     inverse_variance,
@@ -75,15 +79,13 @@ SCATTER_ROWS = 1000
 CALIBRATION_ROWS = 800
 #: Further templates (the next best after the first starts) a poor fit is retried from (`fit_retry_rchi2`).
 RETRY_STARTS = 8
-#: A unit Gaussian has half of its |z| below this.
-HALF_NORMAL_MEDIAN = 0.6744897501960817
 KINDS = ("mlp", "quadratic")
 
 
 class EmulatorRegressor(SpectrumRegressor):
     """Spectrum emulator (kind=mlp: The Payne; kind=quadratic: The Cannon) whose predictions are full-spectrum fits."""
 
-    batch_keys = ("flux", "weight", "labels")
+    batch_keys = ("flux", "weight", "labels", "nuisance")
 
     @classmethod
     def logged_metrics(cls, label_names: Sequence[str], values: Mapping[str, Any]) -> list[str]:
@@ -129,22 +131,25 @@ class EmulatorRegressor(SpectrumRegressor):
     ):
         super().__init__(n_pixels=n_pixels, label_names=label_names, **kwargs)
         self.kind = str(kind)
-        n_labels = len(label_names)
-        self.latent_dims = (1 if self.kind == "mlp" else 0) if latent_dims is None else int(latent_dims)
+        self.nuisance = self.hparams.get("nuisance_labels") or {"names": []}  # the data's `nuisance_spec`
+        n_labels, n_inputs = len(label_names), len(label_names) + len(self.nuisance["names"])
+        # null: one latent label for a network whose data names no nuisance labels (they take its place), else none
+        default_latent = 1 if self.kind == "mlp" and not self.nuisance["names"] else 0
+        self.latent_dims = default_latent if latent_dims is None else int(latent_dims)
         self.use_scatter = bool(scatter)
         self.fit_settings = {"n_starts": int(fit_starts), "max_iter": int(fit_iterations), "tol": float(fit_tolerance),
                              "retry_rchi2": None if fit_retry_rchi2 is None else float(fit_retry_rchi2)}
         self.retry_counts = [0, 0]  # spectra retried, fits improved (reported and reset after each test)
         if self.kind == "mlp":
-            self.net = FluxNetwork(n_labels, n_pixels, hidden_sizes, activation, self.latent_dims)
+            self.net = FluxNetwork(n_inputs, n_pixels, hidden_sizes, activation, self.latent_dims)
         else:
-            self.net = QuadraticFlux(n_labels, n_pixels)
+            self.net = QuadraticFlux(n_inputs, n_pixels)
             self.automatic_optimization = False
             if kwargs.get("optimizer") is not None or kwargs.get("scheduler") is not None:
                 log.info("kind=quadratic is fitted in closed form in one pass: the optimizer and scheduler configs are ignored")
         self.register_buffer("sigma_scale", torch.ones(n_labels))  # calibration of the formal errors (on_train_end)
         self.register_buffer("scatter2", torch.zeros(n_pixels))
-        self.register_buffer("template_labels", torch.zeros(int(fit_templates), n_labels + self.latent_dims))
+        self.register_buffer("template_labels", torch.zeros(int(fit_templates), n_inputs + self.latent_dims))
         self.register_buffer("prepared", torch.tensor(False))
         self.best_val_mse = None  # no label predictions on validation: val/loss is the flux chi-square
         self._templates: tuple[tuple, torch.Tensor] | None = None
@@ -155,7 +160,7 @@ class EmulatorRegressor(SpectrumRegressor):
 
     # -- the emulator and its fit -------------------------------------------------------------------
     def emulate(self, labels: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
-        """Flux (B, P) of standardised labels (B, L) (latent labels 0 unless given), in float32."""
+        """Flux (B, P) of standardised labels, nuisance labels after them (B, L + K) (latent labels 0 unless given)."""
         x = labels.float()
         if self.latent_dims:
             z = torch.zeros(*x.shape[:-1], self.latent_dims, device=x.device) if latent is None else latent.float()
@@ -164,14 +169,18 @@ class EmulatorRegressor(SpectrumRegressor):
             return self.net(x)
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(low, high, prior precision) of the fitted coordinates: labels in the training range, latents +-LATENT_BOUND."""
+        """(low, high, prior precision) of the fitted coordinates: labels and nuisance labels in their training
+        range, latents +-LATENT_BOUND."""
         lo, hi, _ = self.training_range()
         dev = self.label_mean.device
         low = (torch.tensor(lo, device=dev) - self.label_mean) / self.label_std
         high = (torch.tensor(hi, device=dev) - self.label_mean) / self.label_std
+        if self.nuisance["names"]:  # their range is saved standardised
+            low = torch.cat([low, torch.tensor(self.nuisance["min"], device=dev)])
+            high = torch.cat([high, torch.tensor(self.nuisance["max"], device=dev)])
         if not self.latent_dims:
             return low, high, None
-        k, n = self.latent_dims, len(self.label_names)
+        k, n = self.latent_dims, len(low)
         bound = torch.full((k,), LATENT_BOUND, device=dev)
         prior = torch.cat([torch.zeros(n, device=dev), torch.ones(k, device=dev)])
         return torch.cat([low, -bound]), torch.cat([high, bound]), prior
@@ -184,19 +193,9 @@ class EmulatorRegressor(SpectrumRegressor):
                 self._templates = (key, self.net(self.template_labels.float()))
         return self._templates[1]
 
-    @staticmethod
-    def _clean(flux: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bad pixels to (flux 1, weight 0); a spectrum whose weights are all 0 or 1 carries no errors (a `.npy` of
-        flux alone), so its noise is estimated from the flux itself (DER_SNR, `quality.noise_weight`)."""
-        flux = flux.float()
-        weight = torch.ones_like(flux) if weight is None else weight.to(flux)
-        bad = ~torch.isfinite(flux) | ~(weight > 0)
-        flux = torch.where(bad, torch.ones_like(flux), flux)
-        return flux, noise_weight(flux, torch.where(bad, torch.zeros_like(weight), weight))
-
     def _fit(self, flux: torch.Tensor, weight: torch.Tensor | None) -> FitResult:
         """The fit in standardised units, latent coordinates included; chunks of FIT_CHUNK spectra."""
-        flux, weight = self._clean(flux, weight)
+        flux, weight = usable_pixels(flux, weight)
         low, high, prior = self._bounds()
         scatter2, parts = self.scatter2 if self.use_scatter else None, []
         first, retry = self.fit_settings["n_starts"], self.fit_settings["retry_rchi2"]
@@ -268,14 +267,15 @@ class EmulatorRegressor(SpectrumRegressor):
         if not bool(self.prepared) and hasattr(datamodule, "split_arrays"):
             train = datamodule.split_arrays("train")
             rows = np.sort(np.random.default_rng(0).permutation(len(train["labels"]))[:SCATTER_ROWS])
-            self._prepare(train["labels"], train["flux"][rows], train["weight"][rows])
+            self._prepare(self._inputs(train), train["flux"][rows], train["weight"][rows])
 
     @torch.no_grad()
     def _prepare(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor) -> None:
         """Templates from the training labels; (mlp) each pixel's mean training flux and spread for the output layer."""
         labels = labels[torch.isfinite(labels).all(1)].float()
         if not len(labels):
-            raise ConfigError("no training spectrum has every label of data.labels; the emulator needs them all")
+            raise ConfigError("no training spectrum has every label of data.labels and data.nuisance_labels; the "
+                              "emulator needs them all")
         k = len(self.template_labels)
         pick = torch.from_numpy(np.random.default_rng(0).choice(len(labels), k, replace=k > len(labels)))
         chosen = labels[pick].to(self.template_labels)
@@ -317,9 +317,15 @@ class EmulatorRegressor(SpectrumRegressor):
         return [pl.callbacks.EarlyStopping(monitor=old.monitor, mode=old.mode, min_delta=abs(old.min_delta),
                                            patience=epochs)]
 
+    def _inputs(self, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The emulator's inputs of a batch or split: standardised labels, then the nuisance labels."""
+        if not self.nuisance["names"]:
+            return rows["labels"]
+        return torch.cat([rows["labels"], rows["nuisance"].to(rows["labels"])], 1)
+
     def _known(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(flux, weight, labels) of the rows with every label known: the emulator maps all labels to flux."""
-        labels = batch["labels"]
+        """(flux, weight, inputs) of the rows with every input known: the emulator maps all of them to flux."""
+        labels = self._inputs(batch)
         keep = torch.isfinite(labels).all(1)
         flux, weight = batch["flux"], batch["weight"]
         if not bool(keep.all()):
@@ -452,15 +458,9 @@ class EmulatorRegressor(SpectrumRegressor):
 
     @torch.no_grad()
     def _error_scale(self, flux: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per label, median |z| / 0.674 of the converged fits of spectra with known standardised labels (z with the
-        formal errors); 1 where fewer than 20 fits converged."""
-        n = len(self.label_names)
-        fit = self._fit(flux, weight)
-        z = ((fit.labels[:, :n] - labels) / fit.sigma[:, :n])[fit.converged]
-        z = z[torch.isfinite(z).all(1)]
-        if len(z) < 20:
-            return torch.ones(n, device=self.sigma_scale.device)
-        return (z.abs().median(0).values / HALF_NORMAL_MEDIAN).clamp(min=1e-3).to(self.sigma_scale)
+        """`error_scale` of the fits of spectra with known standardised labels."""
+        n, fit = len(self.label_names), self._fit(flux, weight)
+        return error_scale(fit.labels[:, :n], fit.sigma[:, :n], fit.converged, labels).to(self.sigma_scale)
 
     # -- test: the full label fit ----------------------------------------------------------------------
     def test_step(self, batch, batch_idx):

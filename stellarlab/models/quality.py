@@ -86,6 +86,16 @@ def noise_weight(flux: torch.Tensor, weight: torch.Tensor, pixels: torch.Tensor 
     return out
 
 
+def usable_pixels(flux: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flux, weight) to fit: bad pixels to flux 1, weight 0; a spectrum whose weights are all 0 or 1 carries no
+    errors (a `.npy` of flux alone), so its noise is estimated from the flux itself (`noise_weight`)."""
+    flux = flux.float()
+    weight = torch.ones_like(flux) if weight is None else weight.to(flux)
+    bad = ~torch.isfinite(flux) | ~(weight > 0)
+    flux = torch.where(bad, torch.ones_like(flux), flux)
+    return flux, noise_weight(flux, torch.where(bad, torch.zeros_like(weight), weight))
+
+
 #: Pixels of each spectrum the SNR median is taken over (a regular subsample).
 SNR_PIXELS = 1024
 
@@ -207,4 +217,4 @@ def domain_of(datamodule) -> TrainingDomain | None:
 
 
 __all__ = ["FLAGGED_FRACTION", "N_COMPONENTS", "SCORED_BLOCK", "SCORED_EVERY", "SNR_PIXELS", "TrainingDomain", "der_snr_noise", "domain_of",
-           "noise_weight", "scored_pixels", "snr_estimate", "without_errors"]
+           "noise_weight", "scored_pixels", "snr_estimate", "usable_pixels", "without_errors"]

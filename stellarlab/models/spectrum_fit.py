@@ -250,6 +250,20 @@ def retry_poor_fits(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor,
     return FitResult(**merged), len(poor), int(better.sum())
 
 
+#: A unit Gaussian has half of its |z| below this.
+HALF_NORMAL_MEDIAN = 0.6744897501960817
+
+
+def error_scale(labels: torch.Tensor, sigma: torch.Tensor, converged: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per label, median |z| / 0.674 of the converged fits (z = (labels - truth) / sigma): the factor that gives the
+    formal errors the spread of a unit Gaussian, robust to the few fits far off; 1 where fewer than 20 converged."""
+    z = ((labels - truth) / sigma)[converged]
+    z = z[torch.isfinite(z).all(1)]
+    if len(z) < 20:
+        return torch.ones(labels.shape[1], device=labels.device)
+    return (z.abs().median(0).values / HALF_NORMAL_MEDIAN).clamp(min=1e-3)
+
+
 def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 10, rtol: float = 1e-3,
                 block: int = 512) -> torch.Tensor:
     """Per pixel the intrinsic variance s^2 >= 0 that maximises the Gaussian likelihood of the residuals.
@@ -298,5 +312,5 @@ def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 10,
     return out
 
 
-__all__ = ["FitResult", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance", "levenberg_marquardt",
+__all__ = ["HALF_NORMAL_MEDIAN", "FitResult", "error_scale", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance", "levenberg_marquardt",
            "template_starts", "value_and_jacobian", "wide_dtype"]
