@@ -95,6 +95,8 @@ def test_nuisance_labels_take_the_place_of_the_default_latent_label():
     assert EmulatorRegressor(10, LABELS).latent_dims == 1
     assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE).latent_dims == 0
     assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE, latent_dims=2).latent_dims == 2
+    # saved resolved, so a checkpoint is rebuilt with its own shape whatever the default becomes
+    assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE).hparams["latent_dims"] == 0
 
 
 def test_training_reads_the_nuisance_labels_and_skips_rows_without_them():

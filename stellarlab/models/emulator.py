@@ -133,9 +133,9 @@ class EmulatorRegressor(SpectrumRegressor):
         self.kind = str(kind)
         self.nuisance = self.hparams.get("nuisance_labels") or {"names": []}  # the data's `nuisance_spec`
         n_labels, n_inputs = len(label_names), len(label_names) + len(self.nuisance["names"])
-        # null: one latent label for a network whose data names no nuisance labels (they take its place), else none
-        default_latent = 1 if self.kind == "mlp" and not self.nuisance["names"] else 0
+        default_latent = 1 if self.kind == "mlp" and not self.nuisance["names"] else 0  # nuisance labels replace it
         self.latent_dims = default_latent if latent_dims is None else int(latent_dims)
+        self.hparams["latent_dims"] = self.latent_dims  # saved resolved: a checkpoint keeps its shape if defaults change
         self.use_scatter = bool(scatter)
         self.fit_settings = {"n_starts": int(fit_starts), "max_iter": int(fit_iterations), "tol": float(fit_tolerance),
                              "retry_rchi2": None if fit_retry_rchi2 is None else float(fit_retry_rchi2)}
