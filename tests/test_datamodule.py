@@ -199,3 +199,21 @@ def test_nuisance_labels_that_are_not_in_the_data_or_that_a_survey_reader_cannot
         ArraysDataModule(make_arrays(), labels=["teff"], nuisance_labels=["fe_h"], batch_size=16)
     with pytest.raises(ConfigError, match=r"^data\.nuisance_labels=fe_h is not valid: name zero or more labels"):
         EveryLabelDataModule(make_arrays(), nuisance_labels="fe_h", batch_size=16)
+
+
+@pytest.mark.parametrize("labels, nuisance, names, complete", [
+    (["teff", "logg", "fe_h"], ["alpha_fe"], ["alpha_fe"], True),  # the default: nothing is left out
+    (["teff", "logg"], ["alpha_fe"], ["alpha_fe"], False),  # [Fe/H] shapes the spectra, and is neither
+    (["teff", "logg", "fe_h", "alpha_fe"], ["alpha_fe"], [], True),  # a label in both lists is a target
+    (["teff", "logg", "fe_h"], [], None, False),
+])
+def test_a_synthetic_survey_says_whether_its_labels_are_all_the_spectra_depend_on(labels, nuisance, names, complete,
+                                                                                 survey_cache):
+    from stellarlab.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(n_stars=50, split=[40, 4, 6], batch_size=8, cache_dir=str(survey_cache), seed=3,
+                             labels=labels, nuisance_labels=nuisance)
+    dm.setup()
+    spec = dm.model_spec()["nuisance_labels"]
+    assert dm.fully_labelled is complete
+    assert (spec is None) if names is None else (spec["names"] == names and spec["complete"] is complete)

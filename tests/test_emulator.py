@@ -69,7 +69,7 @@ def test_the_fit_recovers_the_labels_of_noise_free_emulator_spectra(latent_dims)
     assert (fit.sigma > 0).all() and torch.isfinite(fit.sigma).all()
 
 
-NUISANCE = {"names": ["alpha_fe"], "mean": [0.1], "std": [0.15], "min": [-1.0], "max": [2.0]}
+NUISANCE = {"names": ["alpha_fe"], "complete": True, "mean": [0.1], "std": [0.15], "min": [-1.0], "max": [2.0]}
 
 
 @pytest.mark.parametrize("kind", ["mlp", "quadratic"])
@@ -91,9 +91,11 @@ def test_nuisance_labels_are_inputs_of_the_emulator_and_free_in_every_fit(kind):
     assert ((flux - held) ** 2 * IVAR).sum(1).median() > 10  # the nuisance label shapes the spectra: it had to be fitted
 
 
-def test_nuisance_labels_take_the_place_of_the_default_latent_label():
+def test_the_default_latent_label_is_left_out_when_the_data_leaves_nothing_out():
     assert EmulatorRegressor(10, LABELS).latent_dims == 1
     assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE).latent_dims == 0
+    assert EmulatorRegressor(10, LABELS, nuisance_labels={**NUISANCE, "complete": False}).latent_dims == 1
+    assert EmulatorRegressor(10, LABELS, nuisance_labels={**NUISANCE, "complete": True}, kind="quadratic").latent_dims == 0
     assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE, latent_dims=2).latent_dims == 2
     # saved resolved, so a checkpoint is rebuilt with its own shape whatever the default becomes
     assert EmulatorRegressor(10, LABELS, nuisance_labels=NUISANCE).hparams["latent_dims"] == 0

@@ -128,6 +128,11 @@ class SyntheticDataModule(SpectraDataModule):
         self._survey = None
         self._normalised = None
 
+    @property
+    def fully_labelled(self) -> bool:
+        """Every generator label is a label or a nuisance label: nothing else shapes the spectra."""
+        return set(LABEL_NAMES) <= {*self.label_names, *self.nuisance_names}
+
     @classmethod
     def check_together(cls, values: Mapping[str, Any]) -> None:
         """The SNR (one value, or a range drawn from), the grid the gaps and the apStar fit belong to, the labels."""

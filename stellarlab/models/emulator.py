@@ -133,7 +133,7 @@ class EmulatorRegressor(SpectrumRegressor):
         self.kind = str(kind)
         self.nuisance = self.hparams.get("nuisance_labels") or {"names": []}  # the data's `nuisance_spec`
         n_labels, n_inputs = len(label_names), len(label_names) + len(self.nuisance["names"])
-        default_latent = 1 if self.kind == "mlp" and not self.nuisance["names"] else 0  # nuisance labels replace it
+        default_latent = 1 if self.kind == "mlp" and not self.nuisance.get("complete") else 0  # none if nothing is left out
         self.latent_dims = default_latent if latent_dims is None else int(latent_dims)
         self.hparams["latent_dims"] = self.latent_dims  # saved resolved: a checkpoint keeps its shape if defaults change
         self.use_scatter = bool(scatter)
