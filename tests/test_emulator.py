@@ -477,15 +477,15 @@ def test_train_eval_and_predict_end_to_end(model, extra, tmp_path, warm_cache):
 
     dm = SyntheticDataModule(n_stars=600, split=[0.7, 0.15, 0.15], cache_dir=str(warm_cache / "synthetic"))
     dm.setup()
-    np.save(tmp_path / "flux.npy", dm.tensors["test"]["flux"].numpy()[:5])
-    np.save(tmp_path / "flux_ivar.npy", dm.tensors["test"]["weight"].numpy()[:5])  # read beside the flux
+    n = len(dm.split_index["test"])  # the whole split, fitted in one batch as the test step fits it
+    np.save(tmp_path / "flux.npy", dm.tensors["test"]["flux"].numpy())
+    np.save(tmp_path / "flux_ivar.npy", dm.tensors["test"]["weight"].numpy())  # read beside the flux
     predicted = _run("predict.py", f"ckpt_path={ckpt}", f"input={tmp_path / 'flux.npy'}", f"paths.log_dir={tmp_path}/pred")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     catalog = Table.read(next((tmp_path / "pred").rglob("predictions.csv")), format="ascii.csv")
-    assert len(catalog) == 5
-    for label in LABELS:  # the test step's fits, errors included. Poor fits of this 3-epoch emulator are retried from
-        # 8 starts, and several end in the same minimum within the stopping tolerance (~0.1 sigma): which of them is
-        # lowest can hang on rounding, which differs with the batch (5 spectra here, the whole split in the test step)
-        diff = np.abs(catalog[label.upper()] - predictions[f"{label}_pred"][:5])
-        assert (diff < 0.05 * predictions[f"{label}_sigma"][:5]).all()
-        np.testing.assert_allclose(catalog[f"{label.upper()}_ERR"], predictions[f"{label}_sigma"][:5], rtol=1e-3)
+    assert len(catalog) == n
+    for label in LABELS:  # the test step's fits, errors included. This 3-epoch emulator has minima a few chi-square
+        # units apart, so rounding that differs with the batch's size could pick another one: hence the same batch
+        diff = np.abs(catalog[label.upper()] - predictions[f"{label}_pred"])
+        assert (diff < 0.01 * predictions[f"{label}_sigma"]).all(), diff.max()
+        np.testing.assert_allclose(catalog[f"{label.upper()}_ERR"], predictions[f"{label}_sigma"], rtol=1e-3)

@@ -11,7 +11,8 @@ Two ways to hold the spectra (`in_memory`):
   `in_memory=auto` streams memory-mapped data whose flux + weight exceed `in_memory_max_gb`.
 
 Either way `datamodule.tensors[split]` (also `split_arrays(split)`) holds `flux`, `weight`, `labels`
-(standardised), `labels_phys` and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
+(standardised), `labels_phys`, `nuisance` (the `nuisance_labels`, standardised on train; no columns without
+them) and the extras; in streaming mode `flux` and `weight` are `SplitRows`,
 row-indexable views that read on demand. `split_ids(split)` holds what names each row (the star id and
 the survey's own ids, e.g. APOGEE_ID, FIELD), for catalogues and test_predictions.csv.
 

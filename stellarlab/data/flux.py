@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -105,13 +106,19 @@ def _check_npy_header(path: Path) -> None:
                         "e.g. np.save(path, np.asarray(flux, dtype=np.float32))")
 
 
+#: numpy parses a .npy header with `ast.literal_eval`, which CPython 3.11 does not make safe in concurrent threads
+#: ("AST constructor recursion depth mismatch" when blocks are read by parallel workers): one header at a time.
+_HEADER_LOCK = threading.Lock()
+
+
 def _open_rows(path: Path, what: str) -> np.memmap:
     """The array memory-mapped (nothing read yet), as (N, pixels); DataError naming the file otherwise."""
-    _check_npy_header(path)
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npy array ({err}); is the file truncated?") from err
+    with _HEADER_LOCK:
+        _check_npy_header(path)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{path}: not a readable .npy array ({err}); is the file truncated?") from err
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or array.dtype.kind not in "iuf":
