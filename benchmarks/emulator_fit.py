@@ -122,7 +122,6 @@ def emulation_error(model, dm, per_range: int = 200) -> list[dict]:
     pixels = pixel_index(generator.wavelength, dm.wavelength)
     names, fitted_labels = list(survey.label_names), list(model.label_names)  # the run's data.labels, in its order
     fe_h, columns = names.index("fe_h"), [names.index(label) for label in fitted_labels]
-    nuisance = model.nuisance  # nuisance labels: inputs of the emulator, fitted beside the labels
     rows = []
     for split in ("train", "test"):
         arrays = dm.split_arrays(split)
@@ -140,10 +139,7 @@ def emulation_error(model, dm, per_range: int = 200) -> list[dict]:
             clean = clean if pixels is None else clean[:, pixels]
             weight = torch.as_tensor(arrays["weight"][chosen]).float()
             observed = torch.as_tensor(arrays["flux"][chosen]).float()
-            standard = (labels[:, columns] - model.label_mean) / model.label_std
-            if nuisance["names"]:  # the emulator's further inputs, standardised as in training
-                extra = (labels[:, [names.index(n) for n in nuisance["names"]]] - torch.tensor(nuisance["mean"]))
-                standard = torch.cat([standard, extra / torch.tensor(nuisance["std"])], 1)
+            standard = model.inputs({key: arrays[key][chosen] for key in ("labels", "nuisance")})  # as in training
             with torch.inference_mode():
                 error = model.emulate_known(standard, clean, weight) - clean
                 shift = model.fit_spectra(clean, weight).labels.numpy() - true[chosen][:, columns]
@@ -227,7 +223,8 @@ def optimizer_step(small: bool = False, rounds: int = 5, steps: int = 10) -> dic
     torch.manual_seed(0)
     labels, flux = torch.randn(batch, len(LABELS) + 1), 1 + 0.01 * torch.randn(batch, n_pixels)
     weight = torch.full((batch, n_pixels), 1e4)
-    nuisance = {"names": ["alpha_fe"], "mean": [0.0], "std": [1.0], "min": [-3.0], "max": [3.0]}  # as on the survey
+    # as on the synthetic survey: [alpha/Fe] a fourth input, nothing left for a latent label
+    nuisance = {"names": ["alpha_fe"], "complete": True, "mean": [0.0], "std": [1.0], "min": [-3.0], "max": [3.0]}
     models = {fused: EmulatorRegressor(n_pixels, list(LABELS), nuisance_labels=nuisance, **network) for fused in (True, False)}
     optimizers = {fused: torch.optim.Adam(m.parameters(), lr=1e-4, fused=fused) for fused, m in models.items()}
     times: dict[bool, list[float]] = {True: [], False: []}

@@ -20,9 +20,9 @@ net, their overall level from held-out stars (the factor grows over training as 
 
 A checkpoint also carries a SHA-256 of its weights (`stellarlab.models.checksum`: flipped bytes still
 unpickle, and would predict confident nonsense) and the training labels' range (`label_min`,
-`label_max`), outside which predict.py flags a prediction. `nuisance_labels` (the data's, `model_spec`) is for
-models that emulate spectra; one that reads labels off a spectrum keeps it in its hyperparameters only. `logged_metrics` names what a fit logs, so a
-misspelt `optimized_metric` is refused before training.
+`label_max`), outside which predict.py flags a prediction. `nuisance_labels` (the data's, `model_spec`) is
+for models that emulate spectra; one that reads labels off a spectrum keeps it in its hyperparameters only.
+`logged_metrics` names what a fit logs, so a misspelt `optimized_metric` is refused before training.
 """
 
 from __future__ import annotations

@@ -267,7 +267,7 @@ class EmulatorRegressor(SpectrumRegressor):
         if not bool(self.prepared) and hasattr(datamodule, "split_arrays"):
             train = datamodule.split_arrays("train")
             rows = np.sort(np.random.default_rng(0).permutation(len(train["labels"]))[:SCATTER_ROWS])
-            self._prepare(self._inputs(train), train["flux"][rows], train["weight"][rows])
+            self._prepare(self.inputs(train), train["flux"][rows], train["weight"][rows])
 
     @torch.no_grad()
     def _prepare(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor) -> None:
@@ -317,15 +317,15 @@ class EmulatorRegressor(SpectrumRegressor):
         return [pl.callbacks.EarlyStopping(monitor=old.monitor, mode=old.mode, min_delta=abs(old.min_delta),
                                            patience=epochs)]
 
-    def _inputs(self, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The emulator's inputs of a batch or split: standardised labels, then the nuisance labels."""
+    def inputs(self, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The emulator's inputs of a batch or split (`labels`, `nuisance`): standardised labels, then nuisance labels."""
         if not self.nuisance["names"]:
             return rows["labels"]
         return torch.cat([rows["labels"], rows["nuisance"].to(rows["labels"])], 1)
 
     def _known(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flux, weight, inputs) of the rows with every input known: the emulator maps all of them to flux."""
-        labels = self._inputs(batch)
+        labels = self.inputs(batch)
         keep = torch.isfinite(labels).all(1)
         flux, weight = batch["flux"], batch["weight"]
         if not bool(keep.all()):

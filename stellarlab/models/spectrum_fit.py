@@ -312,5 +312,5 @@ def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 10,
     return out
 
 
-__all__ = ["HALF_NORMAL_MEDIAN", "FitResult", "error_scale", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance", "levenberg_marquardt",
-           "template_starts", "value_and_jacobian", "wide_dtype"]
+__all__ = ["HALF_NORMAL_MEDIAN", "FitResult", "error_scale", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance",
+           "levenberg_marquardt", "template_starts", "value_and_jacobian", "wide_dtype"]

@@ -108,7 +108,15 @@ def load_checkpoint(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
     """(model in eval mode, the raw checkpoint dict) from a checkpoint written by train.py."""
     checkpoint = read_checkpoint(ckpt_path)
     cls = model_class_of(checkpoint, ckpt_path)
-    model = cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, weights_only=True)
+    try:
+        model = cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, weights_only=True)
+    except RuntimeError as err:  # weights whose shapes the saved settings no longer build (another version's model)
+        if "state_dict" not in str(err):
+            raise
+        first = str(err).strip().splitlines()[-1].strip()
+        raise DataError(f"checkpoint {ckpt_path}: its weights do not fit the {cls.__name__} its settings build "
+                        f"({first}); it was written by another version of the model: retrain, or predict with "
+                        "the version that wrote it") from err
     model.eval()
     return model, checkpoint
 

@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 
 #: Constructor arguments train.py fills in from the data (never typed in a config).
 MODEL_KEYS_FROM_DATA = {"n_pixels", "label_names", "label_mean", "label_std", "label_min", "label_max", "nuisance_labels",
-                        "optimizer",
-                        "scheduler", "wavelength"}
+                        "optimizer", "scheduler", "wavelength"}
 #: The first argument of a `_partial_` optimizer / scheduler, supplied by `configure_optimizers`.
 SUPPLIED_LATER = {"optimizer": {"params"}, "scheduler": {"optimizer"}}
 
