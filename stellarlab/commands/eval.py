@@ -54,6 +54,7 @@ def run_config(cfg: DictConfig) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    import numpy as np
     import torch
 
     from stellarlab.results import ensemble
@@ -78,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     if list(model.label_names) != list(datamodule.label_names):
         raise ConfigError(f"the checkpoint predicts {model.label_names} but data.labels={datamodule.label_names}; set data.labels to match")
-    wavelength = torch.as_tensor(datamodule.wavelength, dtype=torch.float32)
+    wavelength = torch.from_numpy(np.array(datamodule.wavelength, dtype=np.float32))  # a copy: the grid may be read-only
     if len(wavelength) != len(model.wavelength) or not torch.allclose(wavelength, model.wavelength.cpu(), rtol=1e-6):
         raise DataError(
             f"the checkpoint was trained on a {len(model.wavelength)}-pixel grid, data={cfg.data._target_} gives "
