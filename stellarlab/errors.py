@@ -44,6 +44,15 @@ def missing_extra(option: str, what: str, extra: str, modules: Sequence[str]) ->
     return None
 
 
+def weights_mismatch(err: BaseException, ckpt_path, what: str, fix: str) -> DataError | None:
+    """One line for torch's `load_state_dict` failure (a checkpoint whose weights `what` does not have: another
+    version's model), else None (another error)."""
+    if not isinstance(err, RuntimeError) or "Error(s) in loading state_dict" not in str(err):
+        return None
+    first = str(err).strip().splitlines()[-1].strip()
+    return DataError(f"checkpoint {ckpt_path}: its weights do not fit {what} ({first}); {fix}")
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The stellarlab error behind Hydra's InstantiationException (or another wrapper), if there is one."""
     cause = err

@@ -652,6 +652,35 @@ def _(env):
     return raised(DataError, read_checkpoint, damaged_copy(env, Path(env.files["checkpoint"]())))
 
 
+@case("checkpoint of another version's model (eval, predict)",
+      r"checkpoint .*other-version\.ckpt: its weights do not fit the LinearRegressor its settings build \(size mismatch",
+      r"it was written by another version of the model: retrain, or predict with the version that wrote it")
+def _(env):
+    import torch
+
+    from stellarlab.results.prediction import load_model
+
+    checkpoint = torch.load(env.files["checkpoint"](), map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["n_pixels"] = 32  # settings of another version's model; the weights untouched
+    path = env.tmp / "other-version.ckpt"
+    torch.save(checkpoint, path)
+    return raised(DataError, load_model, path)
+
+
+@case("resume from weights the config no longer builds",
+      r"checkpoint .*last\.ckpt: its weights do not fit the LinearRegressor this run's config builds now \(size mismatch",
+      r"written by another version of stellarlab \(or of its defaults\): start a new run, or resume with the version that wrote it")
+def _(env):
+    run_dir = env.tmp / "interrupted"  # the trained run, as if killed before its end, resumed under other defaults
+    shutil.copytree(Path(env.files["checkpoint"]()).parent.parent, run_dir)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    message = run_train(env, *CHECKPOINT_RUN, "data.labels=[teff,logg]", f"resume={run_dir}")
+    assert last.read_bytes() == saved and not (run_dir / ".running").exists()  # kept for the version that wrote it
+    return message
+
+
 def run_predict(env: Env, *overrides: str) -> str:
     """`python predict.py <overrides>` in this process: SystemExit(2) and one error line."""
     predict_script = importlib.import_module("predict")

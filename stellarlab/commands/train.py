@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from stellarlab.checks import _plain, _show
 from stellarlab.config import conf_dir, instantiate_group, register_resolvers
-from stellarlab.errors import ConfigError, command_errors
+from stellarlab.errors import ConfigError, command_errors, weights_mismatch
 from stellarlab.run import extras
 from stellarlab.run.resume import (
     resume_argv,
@@ -114,7 +114,16 @@ def _run(cfg: DictConfig, output_dir: Path, stop) -> dict:
 
     start = time.perf_counter()
     stop.phase = "starting to train"
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resumed_from and resumed_from["checkpoint"])
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resumed_from and resumed_from["checkpoint"])
+    except RuntimeError as err:
+        mismatch = resumed_from and weights_mismatch(
+            err, resumed_from["checkpoint"], f"the {type(model).__name__} this run's config builds now",
+            "it was written by another version of stellarlab (or of its defaults): start a new run, or resume with "
+            "the version that wrote it")
+        if not mismatch:
+            raise
+        raise mismatch from err
     train_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     epochs = int(fit_metrics.pop(EPOCHS_METRIC, trainer.current_epoch))

@@ -27,7 +27,7 @@ import numpy as np
 
 from stellarlab.data import surveys
 from stellarlab.data.flux import Block, parallel_results, read_block
-from stellarlab.errors import ConfigError, DataError
+from stellarlab.errors import ConfigError, DataError, weights_mismatch
 from stellarlab.results.catalog import CatalogColumns
 from stellarlab.results.predict_block import clean, predict_chunk
 
@@ -111,12 +111,11 @@ def load_checkpoint(ckpt_path: str | os.PathLike, map_location: str = "cpu"):
     try:
         model = cls.load_from_checkpoint(str(ckpt_path), map_location=map_location, weights_only=True)
     except RuntimeError as err:  # weights whose shapes the saved settings no longer build (another version's model)
-        if "state_dict" not in str(err):
+        mismatch = weights_mismatch(err, ckpt_path, f"the {cls.__name__} its settings build", "it was written by another "
+                                    "version of the model: retrain, or predict with the version that wrote it")
+        if mismatch is None:
             raise
-        first = str(err).strip().splitlines()[-1].strip()
-        raise DataError(f"checkpoint {ckpt_path}: its weights do not fit the {cls.__name__} its settings build "
-                        f"({first}); it was written by another version of the model: retrain, or predict with "
-                        "the version that wrote it") from err
+        raise mismatch from err
     model.eval()
     return model, checkpoint
 
