@@ -412,6 +412,34 @@ def test_stopped_during_the_test_resumes_straight_to_the_test(tmp_path, cache, s
 
 
 @pytest.mark.slow
+def test_a_signal_after_the_last_batch_stops_the_run_and_the_resumed_emulator_calibrates_as_an_uninterrupted_one(tmp_path, cache):
+    """SIGTERM after the last training batch (the last validation) has no batch left to stop after: the run
+    stops at the end of training (exit 143), before the emulator calibrates its errors, and the resumed run,
+    with no epoch to train, calibrates them: its test ends as the uninterrupted run's does."""
+    emulator = ["model=emulator", "trainer.max_epochs=2", "model.hidden_sizes=[32,32]", "model.fit_templates=32",
+                f"paths.cache_dir={cache}"]
+    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_train_end",
+               "+callbacks.stop.sig=SIGTERM", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    whole = resume(*RUN, *emulator, f"paths.log_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = resume(*RUN, *emulator, f"paths.log_dir={tmp_path / 'cut'}", *stopper)
+    assert first.returncode == 143, first.stderr[-3000:]
+    run_dir = only_run(tmp_path / "cut")
+    assert first.stderr.strip().splitlines()[-1] == f"interrupted: stopped by SIGTERM; resume with: python train.py resume={run_dir}"
+    assert not (run_dir / "metrics.json").exists() and "errors calibrated" not in (run_dir / "train.log").read_text()
+
+    resumed = resume(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert log.index("errors calibrated") > log.index("resuming from")
+    got, expected = metrics(run_dir), metrics(only_run(tmp_path / "whole"))
+    for label, values in expected["test"].items():
+        assert got["test"][label]["rmse"] == pytest.approx(values["rmse"], rel=1e-6)
+        assert got["calibration"][label]["frac_within_1sigma"] == expected["calibration"][label]["frac_within_1sigma"]
+        assert got["calibration"][label]["mean_sigma"] == pytest.approx(expected["calibration"][label]["mean_sigma"], rel=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_survey_is_generated_is_one_line_and_leaves_nothing_behind(tmp_path, sig):
     cmd = [sys.executable, "train.py", *TINY, "data.n_stars=6000", f"paths.log_dir={tmp_path / 'out'}",

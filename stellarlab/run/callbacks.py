@@ -142,10 +142,13 @@ class ExactResume(pl.Callback):
     - The metrics the last epoch logged: a run killed after its last epoch (during the test, the bound,
       the reports) resumes with no epoch to train, and goes straight on with the values its
       checkpoint holds.
+    - The model's end of training: with no epoch left Lightning skips `on_train_end`, which the killed
+      run may not have reached (the emulator calibrates its errors there), so it runs once here.
     """
 
     def __init__(self):
         self.restored = False
+        self.trained = False
         self.restored_metrics: dict[str, float] = {}
         self._trainer: pl.Trainer | None = None
 
@@ -167,6 +170,7 @@ class ExactResume(pl.Callback):
         self.restored_metrics = dict(state_dict.get("metrics") or {})
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trained = True
         if not self.restored:
             return
         for cb in trainer.callbacks:
@@ -182,6 +186,8 @@ class ExactResume(pl.Callback):
         for key, value in self.restored_metrics.items():
             if key not in trainer.callback_metrics:
                 trainer.callback_metrics[key] = torch.tensor(value)
+        if self.restored and not self.trained:
+            pl_module.on_train_end()
 
 
 class RunInterrupted(BaseException):
@@ -279,6 +285,9 @@ class GracefulStop(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = False
         self.phase = "after training"
+        if self.signum is not None:  # it came after the last batch (during the last validation): no batch is left to
+            self.where = "the end of training"  # stop after, and last.ckpt holds the finished training
+            raise RunInterrupted(self.signum)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.phase = "the test"
