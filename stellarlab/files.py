@@ -10,6 +10,7 @@ recognised and removed by the next writer in the same folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -71,6 +72,35 @@ def remove_stale_temporaries(folder: Path, final_name: str | None = None) -> Non
         log.info("removed %s, left by a killed write", tmp)
 
 
+#: Free bytes below which a failed write is taken for a full disk: torch's checkpoint writer reports one as a
+#: RuntimeError ("unexpected pos"), not as the OSError(ENOSPC) of a plain write (numpy as an OSError without errno).
+FULL_DISK_BYTES = 1 << 20
+
+
+def full_disk(err: BaseException, final: Path) -> DataError | None:
+    """One line for a write of `final` that failed because its disk is full (checked while the failed temporary
+    still holds its space), else None."""
+    if not isinstance(err, Exception) or isinstance(err, DataError):
+        return None
+    cause: BaseException | None = err
+    full = False
+    while cause is not None and not full:
+        full = isinstance(cause, OSError) and (cause.errno in (errno.ENOSPC, errno.EDQUOT)
+                                               or "Not enough free space" in str(cause))  # numpy's check before it writes
+        cause = cause.__cause__ or cause.__context__
+    if not full:
+        try:
+            full = shutil.disk_usage(final.parent).free < FULL_DISK_BYTES
+        except OSError:
+            return None
+    if not full:
+        return None
+    return DataError(f"the disk is full: writing {final} failed ({type(err).__name__}: {str(err).strip()[:120]}); free "
+                     "space there, or point paths.log_dir (outputs) or paths.cache_dir (surveys) at a disk with room; "
+                     "the files written before are intact (a training run that saved checkpoints/last.ckpt continues with "
+                     "resume=<run folder>)")
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (best effort: some file systems refuse to open folders)."""
     with contextlib.suppress(OSError):
@@ -93,11 +123,14 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = True) -> Iterator[P
         if tmp.exists() and not tmp.is_dir():
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        disk = full_disk(err, path)
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if disk is not None:
+            raise disk from err
         raise
     fsync_folder(path.parent)
 
@@ -135,6 +168,12 @@ def atomic_folder(final: Path, marker: str) -> Iterator[Path]:
                 raise
             log.info("another process published %s first; keeping its copy", final)
         fsync_folder(final.parent)
+    except Exception as err:
+        disk = full_disk(err, final)
+        if disk is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

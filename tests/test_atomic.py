@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from stellarlab.errors import DataError
 from tests.conftest import ROOT
 
 
@@ -134,10 +135,42 @@ def test_a_failing_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DataError, match=r"^the disk is full: writing .*last\.ckpt failed \(OSError: \[Errno 28\] No space left"):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left
+
+
+def test_a_full_disk_is_one_line_whatever_the_writer_raises(tmp_path, monkeypatch):
+    """torch's checkpoint writer reports a full disk as a RuntimeError and numpy as an OSError without errno: the
+    free space left tells. The same error with room to spare is a bug, and stays as it was."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from stellarlab import files
+
+    def torch_on_a_full_disk(fh):
+        fh.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 11600000 vs 11599888")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    fix = (r"free space there, or point paths\.log_dir \(outputs\) or paths\.cache_dir \(surveys\) at a disk with room; "
+           r"the files written before are intact")
+    with pytest.raises(DataError, match=r"^the disk is full: writing .*best\.ckpt failed \(RuntimeError: .*unexpected pos.*\); " + fix):
+        files.write_bytes_atomic(tmp_path / "best.ckpt", torch_on_a_full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+    with pytest.raises(DataError, match=r"^the disk is full: writing .*apogee-survey failed \(OSError: Not enough free space"):
+        with files.atomic_folder(tmp_path / "apogee-survey", "params.json") as folder:
+            (folder / "labels.npy").write_bytes(b"x")
+            raise OSError("Not enough free space to write 68600000 bytes after offset 128")
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**6, 10**9 - 10**6))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room to spare: not a full disk
+        files.write_bytes_atomic(tmp_path / "best.ckpt", torch_on_a_full_disk)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

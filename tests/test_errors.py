@@ -681,6 +681,19 @@ def _(env):
     return message
 
 
+@case("full disk while writing an output", r"the disk is full: writing .*metrics\.json failed \(OSError: \[Errno 28\] No space left",
+      r"free space there, or point paths\.log_dir \(outputs\) or paths\.cache_dir \(surveys\) at a disk with room")
+def _(env):
+    import errno
+
+    from stellarlab.files import write_bytes_atomic
+
+    def full(fh):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return raised(DataError, write_bytes_atomic, env.tmp / "metrics.json", full)
+
+
 def run_predict(env: Env, *overrides: str) -> str:
     """`python predict.py <overrides>` in this process: SystemExit(2) and one error line."""
     predict_script = importlib.import_module("predict")
