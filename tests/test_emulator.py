@@ -250,6 +250,21 @@ def test_predict_and_the_base_contract_give_the_fit():
     np.testing.assert_allclose(out["logg_sigma"], fit.sigma[:, 1].numpy(), rtol=1e-5)
 
 
+def test_a_spectrum_without_usable_pixels_gets_no_fit_in_the_catalogue():
+    """All-NaN flux: nothing to fit, so no labels, no reduced chi-square and no convergence, and the FEW_PIXELS bit."""
+    from stellarlab.results.flags import Flag
+    from stellarlab.results.predict_block import predict_chunk
+
+    model = emulator(seed=15)
+    with torch.no_grad():
+        flux = model.emulate(inside(model, 3, seed=16)).numpy()
+    flux[1] = np.nan
+    columns = predict_chunk(model, flux, np.full(flux.shape, IVAR, np.float32))
+    assert np.isnan(columns["teff"][1]) and np.isnan(columns["rchi2"][1]) and not columns["fit_converged"][1]
+    assert columns["flag"][1] & Flag.FEW_PIXELS
+    assert np.isfinite(columns["rchi2"][[0, 2]]).all() and columns["fit_converged"][[0, 2]].all() and (columns["flag"][[0, 2]] == 0).all()
+
+
 def test_a_checkpointed_state_predicts_the_same():
     model = emulator(seed=15, latent_dims=1)
     fresh = EmulatorRegressor(300, LABELS, hidden_sizes=[32, 32], latent_dims=1, fit_templates=64,

@@ -95,6 +95,25 @@ def test_columns_have_the_survey_names_units_astropy_reads_back_and_masked_error
     assert csv.colnames == expected and list(csv[names.label("teff")]) == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_a_row_without_labels_keeps_every_unit_in_the_fits_file(tmp_path):
+    """A spectrum with too few pixels has no labels: astropy cannot mask a log g in dex(cm/s2) as a quantity, so the
+    FITS file holds NaN there and keeps the unit (the ECSV masks it), and no astropy warning reaches the user."""
+    import warnings
+
+    ids, values = columns(3)
+    for label in LABELS:
+        values[label][1] = np.nan
+    names = CATALOG_NAMES["apogee"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = catalog.write_catalog(catalog.build_table(ids, values, LABELS, names), tmp_path)
+    fits_table, ecsv = Table.read(paths["fits"]), Table.read(paths["ecsv"])
+    assert fits_table["LOGG"].unit == u.dex(u.cm / u.s**2) and fits_table["FE_H"].unit == u.dex and fits_table["TEFF"].unit == u.K
+    assert np.isnan(fits_table["LOGG"][1]) and list(fits_table["LOGG"][[0, 2]]) == [1.0, 3.0]
+    assert fits_table["TEFF"].mask.tolist() == [False, True, False]
+    assert ecsv["LOGG"].unit == u.dex(u.cm / u.s**2) and ecsv["LOGG"].mask.tolist() == [False, True, False]
+
+
 def test_provenance_names_the_checkpoint_by_path_and_sha256(tmp_path):
     model = apogee_model()
     path = saved_checkpoint(tmp_path / "m.ckpt", model, {"datamodule": "APOGEEDataModule", "survey_name": "apogee"})

@@ -213,14 +213,21 @@ def _header_value(value):
 def write_fits(table, path: Path) -> None:
     """The table in HDU1, with units astropy reads back (its serialised columns), provenance in both headers, and
     a TTYPEn comment giving each column's description and unit to other FITS readers."""
+    import astropy.units as u
     from astropy.io import fits
-    from astropy.table import QTable
+    from astropy.table import Column, QTable
 
     meta = {PROVENANCE_KEYWORDS.get(k, k.upper()[:8]): _header_value(v) for k, v in table.meta.items()}
     plain = table.copy(copy_data=False)
     plain.meta = meta
     for col in plain.itercols():
         col.description = None  # kept in the ECSV; here the TTYPEn comments say it
+    for name in plain.colnames:
+        col = plain[name]
+        if getattr(col, "mask", None) is not None and isinstance(col.unit, u.FunctionUnitBase):
+            # astropy has no masked function quantity (log g in dex(cm/s2)): its unit would be lost, so the missing
+            # values (a spectrum with too few pixels) are NaN here, as FITS stores missing floats; the ECSV masks them
+            plain[name] = Column(col.filled(np.nan), name=name, unit=col.unit)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*could not be saved in native FITS format.*")
         QTable(plain).write(path, format="fits")

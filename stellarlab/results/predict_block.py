@@ -85,6 +85,8 @@ def predict_chunk(models, flux: np.ndarray, weight: np.ndarray, batch_size: int 
         few = n_usable == 0
     labels, sigma = labels.astype(np.float32), sigma.astype(np.float32)
     labels[few], sigma[few] = np.nan, np.nan
+    if "rchi2" in columns:  # nothing was fitted there either
+        columns["rchi2"][few], columns["fit_converged"][few] = np.nan, False
     bits["FEW_PIXELS"] = few
     outside = None
     if trust.tolerance is not None:
