@@ -65,6 +65,25 @@ def test_inputs_without_errors_are_scored_on_the_same_scale(survey, domain):
     assert torch.equal(noise_weight(flux, weight), weight)  # real inverse variances are kept
 
 
+def test_spectra_given_without_errors_are_judged_by_limits_measured_the_same_way(survey, domain):
+    """A .npy of flux alone (chip gaps saved as 1.0, every pixel weight 1): its SNR and score come from the flux
+    itself, which reads lines as noise; compared with the limits of spectra with errors half of these in-domain
+    spectra were LOW_SNR. With limits measured on the training and validation spectra given the same way, they
+    pass as the spectra with errors do, and foreign ones are still caught."""
+    from stellarlab.results.flags import Flag
+    from stellarlab.results.predict_block import predict_chunk
+
+    model = MLPRegressor(survey.n_pixels, survey.label_names, hidden_sizes=[8]).eval()
+    model.training_domain = domain
+    flux, weight = (t.numpy() for t in sample_rows(survey.split_arrays("test")))
+    assert domain.snr_min_no_errors < domain.snr_min and math.isfinite(domain.threshold_no_errors)
+    for given in (weight, np.ones_like(weight)):
+        flag = predict_chunk(model, flux, given)["flag"]
+        assert (flag & Flag.LOW_SNR).astype(bool).mean() <= 0.05 and (flag & Flag.UNLIKE_TRAINING).astype(bool).mean() <= 0.05
+    shifted = np.roll(flux, 2, axis=1)
+    assert (predict_chunk(model, shifted, np.ones_like(weight))["flag"] & Flag.UNLIKE_TRAINING).astype(bool).mean() > 0.9
+
+
 def test_snr_and_domain_numbers(survey, domain):
     flux, weight = sample_rows(survey.split_arrays("test"))
     snr = snr_estimate(flux.numpy(), weight.numpy())

@@ -15,7 +15,9 @@ weights, so every checkpoint of the run carries the same one):
 - the lowest signal-to-noise ratio of the training spectra and their median number of usable pixels.
 
 Inputs without errors (a `.npy` of flux only: no weight above 1) get a noise estimate from the flux
-itself (`der_snr_noise`), so their scores stay on the same scale.
+itself (`der_snr_noise`). That estimate reads lines as noise a little, so their SNR and scores are not on
+the scale of spectra with errors: they are compared with a threshold and a lowest SNR measured the same
+way, on the same training and validation spectra given without their errors (`*_no_errors`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def scored_pixels(n_pixels: int) -> torch.Tensor:
 def der_snr_noise(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-spectrum noise sigma from the flux alone (DER_SNR: 1.4826/sqrt(6) times the median |2 f_i - f_i-2 - f_i+2|
     over pixels whose neighbours are usable too): for inputs that carry no errors. Taken at the `scored_pixels`
-    (about a thousand: as good a median as eight thousand, at a fraction of the cost)."""
+    (about a thousand: as good a median as eight thousand, at a fraction of the cost). A second difference of
+    exactly 0 is a run of filled values (a chip gap saved as 1.0), never noise, and is left out."""
     n_pixels = flux.shape[1]
     centre = scored_pixels(n_pixels).to(flux.device)
     centre = centre[(centre >= 2) & (centre < n_pixels - 2)]
@@ -62,7 +65,7 @@ def der_snr_noise(flux: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     left, right = centre - 2, centre + 2
     second = (2 * flux.index_select(1, centre) - flux.index_select(1, left) - flux.index_select(1, right)).abs()
     ok = (weight.index_select(1, centre) > 0) & (weight.index_select(1, left) > 0) & (weight.index_select(1, right) > 0)
-    second = torch.where(ok, second, torch.nan)
+    second = torch.where(ok & (second != 0), second, torch.nan)
     noise = 1.482602 / math.sqrt(6.0) * torch.nanmedian(second, dim=1).values
     return torch.nan_to_num(noise, nan=1.0).clamp(min=1e-4)
 
@@ -137,6 +140,8 @@ class TrainingDomain:
     threshold: float  # unlikeness score above which a spectrum is flagged
     snr_min: float  # lowest SNR of the training spectra
     usable_median: float  # median number of usable pixels of a training spectrum
+    threshold_no_errors: float = math.inf  # the same two for spectra given without errors (noise from the flux)
+    snr_min_no_errors: float = 0.0
 
     @classmethod
     def fit(cls, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
@@ -158,13 +163,16 @@ class TrainingDomain:
         finally:
             torch.random.set_rng_state(generator_state)
         domain = cls(pixels, mean, v[:, :k].T.contiguous(), math.inf, 0.0, float((weight > 0).sum(1).float().median()))
-        snr = snr_estimate(flux.numpy(), weight.numpy())
-        domain.snr_min = float(np.nanmin(snr)) if np.isfinite(snr).any() else 0.0
         calib_flux, calib_weight = train if val is None or not len(val[0]) else val
-        scores = domain.score(calib_flux.float().cpu(), calib_weight.float().cpu())
-        scores = scores[torch.isfinite(scores)]
-        if len(scores):
-            domain.threshold = float(torch.quantile(scores.double(), 1.0 - FLAGGED_FRACTION))
+        calib_flux, calib_weight = calib_flux.float().cpu(), calib_weight.float().cpu()
+        for suffix, train_weight, score_weight in (("", weight, calib_weight),
+                                                   ("_no_errors", (weight > 0).float(), (calib_weight > 0).float())):
+            snr = snr_estimate(flux.numpy(), train_weight.numpy())
+            setattr(domain, f"snr_min{suffix}", float(np.nanmin(snr)) if np.isfinite(snr).any() else 0.0)
+            scores = domain.score(calib_flux, score_weight)
+            scores = scores[torch.isfinite(scores)]
+            if len(scores):
+                setattr(domain, f"threshold{suffix}", float(torch.quantile(scores.double(), 1.0 - FLAGGED_FRACTION)))
         if val is None or not len(val[0]):
             log.warning("no validation split: the unlikeness threshold is calibrated on training spectra (too low a "
                         "threshold: more new spectra are flagged)")
@@ -185,15 +193,24 @@ class TrainingDomain:
         n = torch.count_nonzero(w > 0, dim=1)
         return torch.where(n > 0, chi2 / n.clamp(min=1), torch.full_like(chi2, math.inf))
 
+    def limits(self, no_errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unlikeness threshold, lowest SNR) per spectrum: those of spectra without errors where `no_errors`."""
+        return (np.where(no_errors, self.threshold_no_errors, self.threshold),
+                np.where(no_errors, self.snr_min_no_errors, self.snr_min))
+
     def state(self) -> dict:
         """Plain tensors and floats, loadable with `torch.load(weights_only=True)`."""
         return {"pixels": self.pixels.cpu(), "mean_depth": self.mean_depth.cpu(), "components": self.components.cpu(), "threshold": self.threshold,
-                "snr_min": self.snr_min, "usable_median": self.usable_median}
+                "snr_min": self.snr_min, "usable_median": self.usable_median, "threshold_no_errors": self.threshold_no_errors,
+                "snr_min_no_errors": self.snr_min_no_errors}
 
     @classmethod
     def from_state(cls, state: dict) -> TrainingDomain:
-        return cls(state["pixels"].long(), state["mean_depth"].float(), state["components"].float(), float(state["threshold"]),
-                   float(state["snr_min"]), float(state["usable_median"]))
+        """A checkpoint written before the `_no_errors` limits judges spectra without errors by the others, as it did."""
+        threshold, snr_min = float(state["threshold"]), float(state["snr_min"])
+        return cls(state["pixels"].long(), state["mean_depth"].float(), state["components"].float(), threshold, snr_min,
+                   float(state["usable_median"]), float(state.get("threshold_no_errors", threshold)),
+                   float(state.get("snr_min_no_errors", snr_min)))
 
 
 def sample_rows(arrays: dict, n_max: int = MAX_ROWS) -> tuple[torch.Tensor, torch.Tensor]:

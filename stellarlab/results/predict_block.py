@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stellarlab.models.quality import noise_weight, snr_estimate
+from stellarlab.models.quality import noise_weight, snr_estimate, without_errors
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def predict_chunk(models, flux: np.ndarray, weight: np.ndarray, batch_size: int 
     model = models[0]
     trust = trust if isinstance(trust, Trust) else Trust(tolerance=trust)
     flux, weight = clean(flux, weight)
+    no_errors = without_errors(torch.from_numpy(weight)).numpy()
     # spectra given without errors get their noise from the flux once, here, for every score and fit below
     weight = noise_weight(torch.from_numpy(flux), torch.from_numpy(weight)).numpy()
     columns: dict[str, np.ndarray] = {}
@@ -78,9 +79,10 @@ def predict_chunk(models, flux: np.ndarray, weight: np.ndarray, batch_size: int 
     if domain is not None:
         few = n_usable < trust.min_usable_fraction * domain.usable_median
         columns["unlikeness"] = _unlikeness(domain, flux, weight, batch_size)
-        bits["UNLIKE_TRAINING"] = columns["unlikeness"] > domain.threshold
+        threshold, snr_min = domain.limits(no_errors)  # spectra without errors: the limits of their own noise estimate
+        bits["UNLIKE_TRAINING"] = columns["unlikeness"] > threshold
         with np.errstate(invalid="ignore"):
-            bits["LOW_SNR"] = snr < domain.snr_min
+            bits["LOW_SNR"] = snr < snr_min
     else:
         few = n_usable == 0
     labels, sigma = labels.astype(np.float32), sigma.astype(np.float32)
