@@ -49,8 +49,8 @@ def weights_mismatch(err: BaseException, ckpt_path, what: str, fix: str) -> Data
     version's model), else None (another error)."""
     if not isinstance(err, RuntimeError) or "Error(s) in loading state_dict" not in str(err):
         return None
-    first = str(err).strip().splitlines()[-1].strip()
-    return DataError(f"checkpoint {ckpt_path}: its weights do not fit {what} ({first}); {fix}")
+    detail = str(err).strip().splitlines()[-1].strip()  # torch's last line: a tensor that does not fit
+    return DataError(f"checkpoint {ckpt_path}: its weights do not fit {what} ({detail}); {fix}")
 
 
 def root_cause(err: BaseException) -> BaseException:
