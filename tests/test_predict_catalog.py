@@ -197,6 +197,24 @@ def test_npy_rows_are_file_colon_row_and_read_a_block_at_a_time(tmp_path):
         open_npy(tmp_path / "flux.npy", "npy", {}, apogee_wavelength())
 
 
+def test_a_grid_given_is_used_even_for_as_many_pixels_as_the_models(tmp_path):
+    """input_wavelength is the user's word on the file's grid: another wavelength solution of the same length is
+    resampled (a line moved by a pixel comes back where it belongs), the model's own grid is read as it is, and a
+    file that is not there is an error, not ignored."""
+    wave = apogee_wavelength()
+    flux = np.ones((1, NPIX), np.float32)
+    flux[0, 4000] = 0.5  # one absorbed pixel
+    np.save(tmp_path / "flux.npy", flux)
+    np.save(tmp_path / "own.npy", wave)
+    np.save(tmp_path / "shifted.npy", np.concatenate([wave[1:], [wave[-1] + (wave[-1] - wave[-2])]]))  # one pixel off
+    own = open_npy(tmp_path / "flux.npy", "npy", {}, wave, str(tmp_path / "own.npy")).read()
+    np.testing.assert_array_equal(own.flux, flux)
+    moved = open_npy(tmp_path / "flux.npy", "npy", {}, wave, str(tmp_path / "shifted.npy")).read()
+    assert int(np.argmin(moved.flux[0])) == 4001 and moved.flux[0, 4001] == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(DataError, match=r"input_wavelength=.*nope\.npy: not a readable \.npy array"):
+        open_npy(tmp_path / "flux.npy", "npy", {}, wave, str(tmp_path / "nope.npy"))
+
+
 @pytest.mark.slow
 def test_galah_dr4_rows_keep_sobject_id_and_gaia_id(tmp_path, survey_cache):
     from stellarlab.data.galah.dr4 import GALAHDR4DataModule

@@ -189,9 +189,12 @@ class NpyInput:
 
 
 def _input_grid(path: Path, n_in: int, wavelength: np.ndarray, input_wavelength: str | None) -> np.ndarray | None:
-    """None when the file's pixels are the model's; else its wavelengths, checked to cover the model's grid."""
+    """None when the file's pixels are the model's; else its wavelengths, checked to cover the model's grid.
+
+    A grid given is always read and checked, also for a file with as many pixels as the model's (another
+    wavelength solution of the same length is resampled, not taken for the model's)."""
     n_pixels = len(wavelength)
-    if n_in == n_pixels:
+    if input_wavelength is None and n_in == n_pixels:
         return None
     if input_wavelength is None:
         raise DataError(
@@ -209,6 +212,8 @@ def _input_grid(path: Path, n_in: int, wavelength: np.ndarray, input_wavelength:
             f"{n_in} finite wavelengths in A, one per pixel"
         )
     wave_in = wave_in.astype(np.float64)
+    if n_in == n_pixels and np.allclose(wave_in, wavelength, rtol=1e-7, atol=0.0):
+        return None  # the model's own grid: nothing to resample
     overlap = np.mean((wavelength >= wave_in.min()) & (wavelength <= wave_in.max()))
     if overlap < 0.5:
         raise DataError(
