@@ -169,10 +169,9 @@ def atomic_folder(final: Path, marker: str) -> Iterator[Path]:
             log.info("another process published %s first; keeping its copy", final)
         fsync_folder(final.parent)
     except Exception as err:
-        disk = full_disk(err, final)
+        disk = full_disk(err, final)  # while the temporary still holds its space; `finally` removes it
         if disk is None:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
         raise disk from err
     finally:
         if tmp.exists():

@@ -375,14 +375,13 @@ class SpectraDataModule(pl.LightningDataModule):
         """Names, training mean and std, and standardised training range of the nuisance labels, and whether the
         data is `fully_labelled` (None: no nuisance labels, not fully labelled). A model that emulates spectra
         (`model=emulator`) takes them as inputs and fits them beside the labels."""
-        if not self.nuisance_names and not self.fully_labelled:
-            return None
+        spec = {"names": list(self.nuisance_names), "complete": self.fully_labelled, "mean": [], "std": [], "min": [], "max": []}
+        if self.nuisance_scaler is None:
+            return spec if spec["complete"] else None
         train = self.tensors["train"]["nuisance"].numpy()
-        scaler = self.nuisance_scaler
-        return {"names": list(self.nuisance_names), "complete": self.fully_labelled,
-                "mean": [float(x) for x in scaler.mean] if scaler else [], "std": [float(x) for x in scaler.std] if scaler else [],
-                "min": [float(x) for x in np.nanmin(train, axis=0)] if scaler else [],
-                "max": [float(x) for x in np.nanmax(train, axis=0)] if scaler else []}
+        spec.update(mean=[float(x) for x in self.nuisance_scaler.mean], std=[float(x) for x in self.nuisance_scaler.std],
+                    min=[float(x) for x in np.nanmin(train, axis=0)], max=[float(x) for x in np.nanmax(train, axis=0)])
+        return spec
 
     def preprocessing_config(self) -> dict:
         """What must be done to a new spectrum before a model trained on this data sees it.

@@ -165,14 +165,17 @@ class TrainingDomain:
         domain = cls(pixels, mean, v[:, :k].T.contiguous(), math.inf, 0.0, float((weight > 0).sum(1).float().median()))
         calib_flux, calib_weight = train if val is None or not len(val[0]) else val
         calib_flux, calib_weight = calib_flux.float().cpu(), calib_weight.float().cpu()
-        for suffix, train_weight, score_weight in (("", weight, calib_weight),
-                                                   ("_no_errors", (weight > 0).float(), (calib_weight > 0).float())):
+
+        def limits(train_weight: torch.Tensor, calib: torch.Tensor) -> tuple[float, float]:
+            """(lowest training SNR, unlikeness threshold) with these weights (the errors, or 0/1 masks)."""
             snr = snr_estimate(flux.numpy(), train_weight.numpy())
-            setattr(domain, f"snr_min{suffix}", float(np.nanmin(snr)) if np.isfinite(snr).any() else 0.0)
-            scores = domain.score(calib_flux, score_weight)
+            scores = domain.score(calib_flux, calib)
             scores = scores[torch.isfinite(scores)]
-            if len(scores):
-                setattr(domain, f"threshold{suffix}", float(torch.quantile(scores.double(), 1.0 - FLAGGED_FRACTION)))
+            return (float(np.nanmin(snr)) if np.isfinite(snr).any() else 0.0,
+                    float(torch.quantile(scores.double(), 1.0 - FLAGGED_FRACTION)) if len(scores) else math.inf)
+
+        domain.snr_min, domain.threshold = limits(weight, calib_weight)
+        domain.snr_min_no_errors, domain.threshold_no_errors = limits((weight > 0).float(), (calib_weight > 0).float())
         if val is None or not len(val[0]):
             log.warning("no validation split: the unlikeness threshold is calibrated on training spectra (too low a "
                         "threshold: more new spectra are flagged)")
