@@ -14,7 +14,14 @@ from stellarlab.errors import ConfigError
 from stellarlab.models.cannon import fit_quadratic, quadratic_design
 from stellarlab.models.emulator import EmulatorRegressor
 from stellarlab.models.flux_network import FluxNetwork
-from stellarlab.models.spectrum_fit import fit_scatter, fit_spectra, retry_poor_fits
+from stellarlab.models.spectrum_fit import (
+    ErrorBasis,
+    _normal_equations,
+    fit_error_basis,
+    fit_scatter,
+    fit_spectra,
+    retry_poor_fits,
+)
 from tests.conftest import ROOT, TINY, compose_config
 
 LABELS = ["teff", "logg", "fe_h"]
@@ -390,6 +397,82 @@ def test_a_cannon_emulator_fits_its_own_spectra():
     np.testing.assert_allclose(fit.labels.numpy(), physical(model, x).numpy(), rtol=1e-3)
 
 
+def test_the_correlated_error_enters_the_fit_as_the_dense_covariance_would():
+    rng = np.random.default_rng(3)
+    b, p, n_labels, k = 4, 40, 3, 2
+    jac, resid = rng.normal(size=(b, p, n_labels)), rng.normal(size=(b, p)) * 0.01
+    cinv = rng.uniform(0.5, 2.0, size=(b, p)) * IVAR
+    cinv[0, :5] = 0.0  # pixels without data
+    patterns, variance = rng.normal(size=(p, k)) * 0.01, np.array([4.0, 0.5])
+    basis = ErrorBasis(torch.as_tensor(patterns), torch.as_tensor(variance))
+    t = lambda a: torch.as_tensor(a)  # noqa: E731
+    a, g, chi2 = _normal_equations(t(jac), t(cinv), t(resid), t(np.zeros((b, n_labels))), None,
+                                   (basis, basis.coupling(t(cinv))))
+    for i in range(b):
+        d = np.diag(cinv[i])  # C^-1 = (D^-1 + U V U^T)^-1 = D - D U (V^-1 + U^T D U)^-1 U^T D, defined where D is 0
+        inner = np.linalg.inv(np.diag(1 / variance) + patterns.T @ d @ patterns)
+        c_inv = d - d @ patterns @ inner @ patterns.T @ d
+        np.testing.assert_allclose(a[i].numpy(), jac[i].T @ c_inv @ jac[i], rtol=1e-9)
+        np.testing.assert_allclose(g[i].numpy(), jac[i].T @ c_inv @ resid[i], rtol=1e-9)
+        np.testing.assert_allclose(float(chi2[i]), resid[i] @ c_inv @ resid[i], rtol=1e-9)
+    if_used = cinv[1] > 0  # and where every pixel has data, C^-1 is the inverse of the dense covariance itself
+    dense = np.diag(1 / cinv[1][if_used]) + patterns[if_used] @ np.diag(variance) @ patterns[if_used].T
+    np.testing.assert_allclose(float(chi2[1]), resid[1] @ np.linalg.solve(dense, resid[1]), rtol=1e-9)
+
+
+def test_fit_error_basis_finds_a_planted_pattern_and_takes_its_share_out_of_the_scatter():
+    rng = np.random.default_rng(4)
+    n, p = 3000, 200
+    weight = np.full((n, p), IVAR)
+    shape = np.sin(np.linspace(0, 3 * np.pi, p))  # smooth in wavelength, as an emulator's error is
+    amplitude = 0.02  # per star, in flux: 2x the noise on the pattern's peaks
+    resid = rng.normal(size=(n, p)) / np.sqrt(IVAR) + rng.normal(size=(n, 1)) * amplitude * shape
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    s2 = fit_scatter(as_t(resid), as_t(weight))
+    basis, left = fit_error_basis(as_t(resid), as_t(weight), s2, 1)
+    found = basis.patterns[:, 0].double().numpy() * np.sqrt(float(basis.variance[0]))
+    cosine = abs(found @ shape) / np.linalg.norm(found) / np.linalg.norm(shape)
+    assert cosine > 0.99
+    np.testing.assert_allclose(np.abs(found), amplitude * np.abs(shape), atol=0.002)  # its size in flux too
+    assert float(left.sum()) < 0.05 * float(s2.sum())  # the scatter was this pattern: little is left per pixel
+
+
+def test_a_cannon_whose_error_is_correlated_fits_better_with_its_error_patterns():
+    def trained(components):
+        model = emulator(kind="quadratic", seed=20, error_components=components, fit_tolerance=1e-4)
+        x = inside(model, 1500, seed=21)
+        model.scatter2.copy_(model.net.fit(x, truth_flux(x, noise=True), torch.full((1500, 300), IVAR)))
+        return model
+
+    shapes = torch.as_tensor(np.sin(np.linspace(0, 7, 300)[None, :] * np.arange(1, 13)[:, None] / 3), dtype=torch.float32)
+    lines = torch.as_tensor(np.random.default_rng(22).normal(scale=0.02, size=(300, 3)), dtype=torch.float32)
+
+    def truth_flux(x, noise):  # line depths linear in the labels, plus what no quadratic follows: a cubic in each
+        flux = 0.9 + x @ lines.T + 0.01 * (x**3) @ shapes[:3] + 0.01 * torch.sin(2 * x[:, :1]) * shapes[3]
+        return flux + (torch.randn(flux.shape, generator=torch.Generator().manual_seed(23)) / IVAR**0.5 if noise else 0)
+
+    x = inside(trained(0), 300, seed=24, margin=0.2)
+    flux = truth_flux(x, noise=True)
+    rmse = {}
+    for components in (0, 4):
+        fit = trained(components).fit_spectra(flux, torch.full_like(flux, IVAR))
+        rmse[components] = ((fit.labels - physical(trained(0), x)) / torch.tensor(STD)).pow(2).mean(0).sqrt()
+    assert (rmse[4] < 0.5 * rmse[0]).all(), rmse
+    bound = torch.linalg.inv(lines.double().T @ lines.double() * IVAR).diagonal().sqrt().float()  # the noise's limit
+    assert (rmse[4] < 1.25 * bound).all(), (rmse, bound)  # with the patterns the model's error costs little
+
+
+def test_a_cannon_checkpoint_from_before_the_error_patterns_loads_without_them():
+    model = emulator(kind="quadratic", seed=25)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("net.error_")}
+    checkpoint = {"state_dict": state}
+    fresh = EmulatorRegressor(300, LABELS, kind="quadratic", fit_templates=64, label_mean=MEAN, label_std=STD,
+                              label_min=LOW, label_max=HIGH).eval()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: nothing missing
+    assert fresh.net.error_basis is None
+
+
 # -- options ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -409,6 +492,9 @@ def test_a_cannon_emulator_fits_its_own_spectra():
         ({"hidden_sizes": [0]}, r"^model\.hidden_sizes=\[0\] is not valid"),
         ({"activation": "sigmoidish"}, r"^unknown activation 'sigmoidish'"),
         ({"loss": "gaussian_nll"}, r"^model\.loss=gaussian_nll: the emulator trains on the chi-square of the flux"),
+        ({"error_components": -1}, r"^model\.error_components=-1 is not valid: it must be an integer >= 0"),
+        ({"error_components": 2}, r"^model\.error_components=2: the patterns of the emulator's error are measured for "
+                                  r"kind=quadratic \(The Cannon\) only; set model\.error_components=0"),
     ],
 )
 def test_bad_options_are_one_line_config_errors(kwargs, match):

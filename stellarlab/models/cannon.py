@@ -7,6 +7,9 @@ set's outer products (N, Q^2) against the weights (N, P). Each spectrum's pixel 
 the pixel's intrinsic scatter s_p^2 (what the quadratic cannot follow), so c_np = w_np / (1 + w_np s_p^2).
 theta and s^2 are found in turn: least squares at fixed scatter, then the maximum-likelihood scatter of
 the residuals (`spectrum_fit.fit_scatter`, on up to SCATTER_ROWS spectra), until the scatter settles.
+A quadratic misses the same spectral shapes in many stars at once (a line's curve of growth, a band that
+changes with gravity), so its errors are correlated across pixels: `error_basis` measures their leading
+patterns on the same spectra, and the label fit counts them as noise (`spectrum_fit.ErrorBasis`).
 Float64 throughout the solve: the quadratic terms of standardised labels reach ~10 and the Gram sums run
 over thousands of stars.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stellarlab.models.spectrum_fit import fit_scatter, inverse_variance, wide_dtype
+from stellarlab.models.spectrum_fit import ErrorBasis, fit_error_basis, fit_scatter, inverse_variance, wide_dtype
 
 #: Rounds of (least squares, scatter) at most.
 ROUNDS = 6
@@ -42,16 +45,36 @@ def quadratic_design(x: torch.Tensor) -> torch.Tensor:
 
 
 class QuadraticFlux(nn.Module):
-    """labels (B, L) -> flux (B, P) = v(labels) theta^T; theta is fitted in closed form (`fit_quadratic`), never by gradients."""
+    """labels (B, L) -> flux (B, P) = v(labels) theta^T, and the patterns of its error; fitted in closed form (`fit`),
+    never by gradients."""
 
-    def __init__(self, n_labels: int, n_pixels: int):
+    def __init__(self, n_labels: int, n_pixels: int, error_components: int = 0):
         super().__init__()
         theta = torch.zeros(n_pixels, n_terms(n_labels))
         theta[:, 0] = 1.0  # the continuum until fitted
         self.theta = nn.Parameter(theta, requires_grad=False)
+        self.register_buffer("error_patterns", torch.zeros(n_pixels, error_components))
+        self.register_buffer("error_variance", torch.ones(error_components))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quadratic_design(x) @ self.theta.T
+
+    @property
+    def error_basis(self) -> ErrorBasis | None:
+        """The correlated part of the model's error for the label fit; None without error components."""
+        return ErrorBasis(self.error_patterns, self.error_variance) if self.error_variance.numel() else None
+
+    @torch.no_grad()
+    def fit(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor, scatter: bool = True) -> torch.Tensor:
+        """Fit theta and the error patterns to training spectra at their standardised labels; returns the per-pixel
+        scatter s^2 the patterns leave (zeros without `scatter`)."""
+        theta, s2 = fit_quadratic(labels, flux, weight, scatter=scatter)
+        self.theta.copy_(theta)
+        if self.error_variance.numel():
+            basis, s2 = error_basis(labels, flux, weight, theta, s2, self.error_variance.numel())
+            self.error_patterns.copy_(basis.patterns)
+            self.error_variance.copy_(basis.variance)
+        return s2
 
 
 def weighted_least_squares(design: torch.Tensor, flux: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
@@ -94,7 +117,7 @@ def fit_quadratic(labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor
     theta = weighted_least_squares(design, flux, weight)
     if not scatter:
         return theta.float(), s2
-    rows = torch.linspace(0, len(flux) - 1, min(len(flux), SCATTER_ROWS), device=flux.device).round().long().unique()
+    rows = scatter_rows(len(flux), flux.device)
     for _ in range(ROUNDS):
         resid = flux[rows] - (design[rows].to(theta.dtype) @ theta.T).to(flux.dtype)
         new = fit_scatter(resid, weight[rows])
@@ -107,4 +130,18 @@ def fit_quadratic(labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor
     return theta.float(), s2
 
 
-__all__ = ["QuadraticFlux", "fit_quadratic", "n_terms", "quadratic_design", "weighted_least_squares"]
+def scatter_rows(n: int, device: torch.device) -> torch.Tensor:
+    """The training spectra the scatter and the error patterns are measured on: up to SCATTER_ROWS, evenly spaced."""
+    return torch.linspace(0, n - 1, min(n, SCATTER_ROWS), device=device).round().long().unique()
+
+
+def error_basis(labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
+                scatter2: torch.Tensor, n_components: int) -> tuple[ErrorBasis, torch.Tensor]:
+    """(the `n_components` leading patterns of the fitted quadratic's error, the scatter s^2 they leave per pixel),
+    from its residuals on the training spectra at their labels (`spectrum_fit.fit_error_basis`)."""
+    rows = scatter_rows(len(flux), flux.device)
+    resid = flux[rows] - (quadratic_design(labels[rows].float()) @ theta.T.to(flux)).to(flux.dtype)
+    return fit_error_basis(resid, weight[rows], scatter2, n_components)
+
+
+__all__ = ["QuadraticFlux", "error_basis", "fit_quadratic", "scatter_rows", "n_terms", "quadratic_design", "weighted_least_squares"]

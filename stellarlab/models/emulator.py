@@ -11,7 +11,8 @@ kind=mlp (The Payne): a dense network; trained by gradient descent like the othe
 `scheduler`; without a scheduler the learning rate decays on a cosine over the run, which trains the
 emulator to a much lower chi-square than a constant rate in the same epochs, and early stopping is off).
 kind=quadratic (The Cannon): flux quadratic in the labels, fitted in closed form in one pass
-(`stellarlab.models.cannon`), with a per-pixel intrinsic scatter.
+(`stellarlab.models.cannon`), with a per-pixel intrinsic scatter and (`error_components`) the patterns its
+errors share across pixels, measured on the training spectra and part of every fit's noise.
 
 Nuisance labels (`data.nuisance_labels`, e.g. the synthetic survey's [alpha/Fe]): labels the spectra depend on
 that the run does not predict. They are inputs of the emulator beside the labels (known for the training spectra)
@@ -52,7 +53,7 @@ from stellarlab.errors import ConfigError
 from stellarlab.files import atomic_path
 from stellarlab.models import checksum
 from stellarlab.models.base import GLOBAL, Activation, SpectrumRegressor
-from stellarlab.models.cannon import QuadraticFlux, fit_quadratic
+from stellarlab.models.cannon import QuadraticFlux
 from stellarlab.models.flux_network import FluxNetwork, pixel_mean_and_spread
 from stellarlab.models.losses import flux_chi2
 from stellarlab.models.mlp import HiddenSizes
@@ -94,22 +95,20 @@ class EmulatorRegressor(SpectrumRegressor):
 
     @classmethod
     def check_together(cls, values: Mapping[str, Any]) -> None:
+        kind = str(values.get("kind", "mlp"))
         if str(values.get("loss", "mse")) != "mse":
-            raise ConfigError(
-                f"model.loss={values['loss']}: the emulator trains on the chi-square of the flux and its errors come "
-                "from the fit; remove model.loss (or use a network: model=mlp model.loss=gaussian_nll)"
-            )
-        if str(values.get("kind", "mlp")) == "quadratic" and values.get("latent_dims"):
-            raise ConfigError(
-                f"model.latent_dims={values['latent_dims']}: kind=quadratic (The Cannon) is quadratic in the labels "
-                "alone; set model.latent_dims=0 or null (or use kind=mlp)"
-            )
+            raise ConfigError(f"model.loss={values['loss']}: the emulator trains on the chi-square of the flux and its "
+                              "errors come from the fit; remove model.loss (or use a network: model=mlp model.loss=gaussian_nll)")
+        if kind == "quadratic" and values.get("latent_dims"):
+            raise ConfigError(f"model.latent_dims={values['latent_dims']}: kind=quadratic (The Cannon) is quadratic in the "
+                              "labels alone; set model.latent_dims=0 or null (or use kind=mlp)")
+        if kind == "mlp" and values.get("error_components"):
+            raise ConfigError(f"model.error_components={values['error_components']}: the patterns of the emulator's error "
+                              "are measured for kind=quadratic (The Cannon) only; set model.error_components=0 (or use model=cannon)")
         starts, templates = values.get("fit_starts", 1), values.get("fit_templates", 256)
         if isinstance(starts, int) and isinstance(templates, int) and starts > templates:
-            raise ConfigError(
-                f"model.fit_starts={starts} is more than model.fit_templates={templates}: each start is a template; "
-                "lower model.fit_starts or raise model.fit_templates"
-            )
+            raise ConfigError(f"model.fit_starts={starts} is more than model.fit_templates={templates}: each start is a "
+                              "template; lower model.fit_starts or raise model.fit_templates")
 
     def __init__(
         self,
@@ -121,6 +120,7 @@ class EmulatorRegressor(SpectrumRegressor):
         latent_dims: Annotated[int | None, Number(minimum=0, integer=True, allow_null=True,
                                                   example="model.latent_dims=1")] = None,
         scatter: Annotated[bool, Flag()] = True,
+        error_components: Annotated[int, Number(minimum=0, integer=True, example="model.error_components=16")] = 0,
         fit_starts: Annotated[int, Number(minimum=1, integer=True, example="model.fit_starts=2")] = 1,
         fit_templates: Annotated[int, Number(minimum=1, integer=True, example="model.fit_templates=256")] = 256,
         fit_iterations: Annotated[int, Number(minimum=1, integer=True, example="model.fit_iterations=30")] = 30,
@@ -143,7 +143,7 @@ class EmulatorRegressor(SpectrumRegressor):
         if self.kind == "mlp":
             self.net = FluxNetwork(n_inputs, n_pixels, hidden_sizes, activation, self.latent_dims)
         else:
-            self.net = QuadraticFlux(n_inputs, n_pixels)
+            self.net = QuadraticFlux(n_inputs, n_pixels, int(error_components))
             self.automatic_optimization = False
             if kwargs.get("optimizer") is not None or kwargs.get("scheduler") is not None:
                 log.info("kind=quadratic is fitted in closed form in one pass: the optimizer and scheduler configs are ignored")
@@ -199,7 +199,7 @@ class EmulatorRegressor(SpectrumRegressor):
         low, high, prior = self._bounds()
         scatter2, parts = self.scatter2 if self.use_scatter else None, []
         first, retry = self.fit_settings["n_starts"], self.fit_settings["retry_rchi2"]
-        steps = (self.fit_settings["max_iter"], self.fit_settings["tol"], prior)
+        steps = (self.fit_settings["max_iter"], self.fit_settings["tol"], prior, getattr(self.net, "error_basis", None))
         # float32, gradients off (the Jacobian is forward mode); inference tensors from predict are fine
         with torch.autocast(device_type=flux.device.type, enabled=False), torch.no_grad():
             template_flux = self._template_flux()
@@ -378,9 +378,7 @@ class EmulatorRegressor(SpectrumRegressor):
         self._train_rows = []
         if not bool(self.prepared):
             self._prepare(labels, flux, weight)
-        theta, s2 = fit_quadratic(labels, flux, weight, scatter=self.use_scatter)
-        self.net.theta.copy_(theta)
-        self.scatter2.copy_(s2)
+        self.scatter2.copy_(self.net.fit(labels, flux, weight, scatter=self.use_scatter))
         total, count = flux_chi2(flux, weight, self.net(labels))
         self.log("train/loss", float(total / count.clamp(min=1)), on_step=False, on_epoch=True, batch_size=len(flux))
         # no optimizer: the solve counts as the step, so the checkpoint callback saves it
@@ -493,6 +491,8 @@ class EmulatorRegressor(SpectrumRegressor):
         state = checkpoint.get("state_dict", {})
         if self.kind == "mlp" and "net.flux_scale" not in state and "net.out.bias" in state:
             state["net.flux_scale"] = torch.ones_like(state["net.out.bias"])  # older checkpoints: raw flux outputs
+        if self.kind == "quadratic" and "net.error_variance" not in state and "net.theta" in state:  # older: none
+            state["net.error_patterns"], state["net.error_variance"] = torch.zeros(len(state["net.theta"]), 0), torch.ones(0)
         self.best_val_mse = None
         self._templates = None
 

@@ -4,7 +4,10 @@
 model flux (B, P), row by row (The Payne's network, The Cannon's quadratic, ...). The noise of pixel p of
 spectrum b is its own variance 1/w_bp plus the emulator's intrinsic scatter s_p^2 (what the emulator cannot
 reproduce, measured on held-out or training spectra), so C^-1 = w / (1 + w s^2) and a zero-weight pixel
-carries nothing.
+carries nothing. An emulator's error is smooth in wavelength, the same shape in many pixels at once: an
+`ErrorBasis` adds it as a covariance of low rank, C = D^-1 + U diag(v) U^T (D the diagonal C^-1 above), which
+Woodbury's identity applies at the cost of k x k solves, so the fit gives little weight to what looks like
+the emulator's usual mistakes (`fit_error_basis` measures U and v on spectra with known labels).
 
 The minimiser is a batched, bounded Levenberg-Marquardt: every spectrum has its own damping; the Jacobian
 d flux / d labels comes from forward-mode autodiff (`torch.func.jacfwd` under `vmap`: one pass per label
@@ -30,6 +33,21 @@ import torch
 from torch.func import jacfwd, vmap
 
 Emulator = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ErrorBasis:
+    """The emulator's correlated error: k flux patterns U (P, k) with variances v (k,), C = D^-1 + U diag(v) U^T."""
+
+    patterns: torch.Tensor  # (P, k)
+    variance: torch.Tensor  # (k,), > 0
+
+    def coupling(self, cinv: torch.Tensor) -> torch.Tensor:
+        """(diag(1/v) + U^T D U)^-1 per spectrum (B, k, k), float64: the Woodbury middle factor of C^-1 for D = cinv (B, P)."""
+        wide = wide_dtype(cinv.device)
+        u = self.patterns.to(cinv)
+        m = torch.einsum("pi,bp,pj->bij", u, cinv, u).to(wide)
+        return torch.linalg.inv(m + torch.diag(1.0 / self.variance.to(device=cinv.device, dtype=wide)))
 
 #: Damping of the first step, and the factor it is divided by on success and multiplied by on failure.
 LAMBDA_START, LAMBDA_FACTOR = 1e-2, 10.0
@@ -87,13 +105,24 @@ def value_and_jacobian(emulate: Emulator, labels: torch.Tensor) -> tuple[torch.T
     return value, jac
 
 
-def _normal_equations(jac, cinv, resid, x, prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(J^T C^-1 J, J^T C^-1 r, chi2) in float64 (the sums run over thousands of pixels), with the prior's terms."""
+def _normal_equations(jac, cinv, resid, x, prior, basis=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(J^T C^-1 J, J^T C^-1 r, chi2) in float64 (the sums run over thousands of pixels), with the prior's terms.
+
+    `basis`: (ErrorBasis, its coupling for these rows) or None. C^-1 = D - D U K U^T D (Woodbury, K the coupling), so
+    each product loses the part of it along the patterns: J^T C^-1 r = J^T D r - (U^T D J)^T K (U^T D r)."""
     wide = wide_dtype(jac.device)
     weighted = jac * cinv.unsqueeze(-1)
     a = torch.bmm(weighted.transpose(1, 2), jac).to(wide)
     g = torch.bmm(weighted.transpose(1, 2), resid.unsqueeze(-1)).squeeze(-1).to(wide)
     chi2 = (cinv * resid * resid).sum(1).to(wide)  # a float32 sum: a float64 copy of (B, P) costs more than the fit
+    if basis is not None:
+        u, coupling = basis[0].patterns.to(jac), basis[1]
+        ur = ((cinv * resid) @ u).to(wide)  # (B, k)
+        uj = torch.einsum("bpl,pk->bkl", weighted, u).to(wide)  # (B, k, L)
+        k_ur, k_uj = torch.bmm(coupling, ur.unsqueeze(-1)), torch.bmm(coupling, uj)
+        a = a - torch.bmm(uj.transpose(1, 2), k_uj)
+        g = g - torch.bmm(uj.transpose(1, 2), k_ur).squeeze(-1)
+        chi2 = chi2 - (ur.unsqueeze(-1) * k_ur).sum((1, 2))
     if prior is not None:  # a Gaussian N(0, 1/prior) on each coordinate: one more "pixel" per label
         xd = x.to(wide)
         a = a + torch.diag_embed(prior.expand_as(xd))
@@ -134,11 +163,12 @@ def formal_errors(a: torch.Tensor) -> torch.Tensor:
 
 def levenberg_marquardt(emulate: Emulator, flux: torch.Tensor, cinv: torch.Tensor, start: torch.Tensor,
                         low: torch.Tensor, high: torch.Tensor, max_iter: int = 30, tol: float = 1e-2,
-                        prior: torch.Tensor | None = None) -> FitResult:
+                        prior: torch.Tensor | None = None, basis: ErrorBasis | None = None) -> FitResult:
     """Minimise sum_p C^-1_bp (flux_bp - emulate(x_b)_p)^2 (+ sum_i prior_i x_bi^2) over x_b in [low, high] for every row b.
 
     `prior` (L,): the precision of a Gaussian prior N(0, 1/prior_i) per coordinate, 0 for none (a nuisance
-    coordinate the emulator learnt with such a prior). chi2 and the formal errors then include it."""
+    coordinate the emulator learnt with such a prior). chi2 and the formal errors then include it. `basis`: the
+    emulator's correlated error, part of C."""
     n, n_labels = start.shape
     dev = flux.device
     x = torch.maximum(torch.minimum(start.to(flux.dtype), high), low)
@@ -146,7 +176,12 @@ def levenberg_marquardt(emulate: Emulator, flux: torch.Tensor, cinv: torch.Tenso
     resid = flux - value
     wide = wide_dtype(dev)
     prior = None if prior is None else prior.to(device=dev, dtype=wide)
-    a, g, chi2 = _normal_equations(jac, cinv, resid, x, prior)
+    coupling = None if basis is None else basis.coupling(cinv)
+
+    def low_rank(rows):
+        return None if basis is None else (basis, coupling if rows is None else coupling[rows])
+
+    a, g, chi2 = _normal_equations(jac, cinv, resid, x, prior, low_rank(None))
     lam = torch.full((n,), LAMBDA_START, dtype=wide, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     converged = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -175,7 +210,7 @@ def levenberg_marquardt(emulate: Emulator, flux: torch.Tensor, cinv: torch.Tenso
         trial = torch.maximum(torch.minimum(trial, high.expand(n, -1)[rows]), low.expand(n, -1)[rows])
         t_value, t_jac = value_and_jacobian(emulate, trial)
         t_resid = flux[rows] - t_value
-        t_a, t_g, t_chi2 = _normal_equations(t_jac, cinv[rows], t_resid, trial, prior)
+        t_a, t_g, t_chi2 = _normal_equations(t_jac, cinv[rows], t_resid, trial, prior, low_rank(rows))
         better = t_chi2 < chi2[rows]
         take = rows[better]
         x[take], jac[take], resid[take] = trial[better], t_jac[better], t_resid[better]
@@ -204,7 +239,7 @@ def template_starts(flux: torch.Tensor, cinv: torch.Tensor, template_labels: tor
 
 def fit_spectra(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                 scatter2: torch.Tensor | None = None, starts: torch.Tensor | None = None, max_iter: int = 30,
-                tol: float = 1e-2, prior: torch.Tensor | None = None) -> FitResult:
+                tol: float = 1e-2, prior: torch.Tensor | None = None, basis: ErrorBasis | None = None) -> FitResult:
     """Fit every spectrum of the batch from each of its starts; keep, per spectrum, the start that ends with the lowest chi2.
 
     `flux`, `weight` (inverse variance, 0 = no data): (B, P). `starts`: (B, S, L) or (S, L) for all spectra alike;
@@ -219,16 +254,17 @@ def fit_spectra(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low
     n_starts = starts.shape[1]
     cinv = inverse_variance(weight, scatter2)
     if n_starts == 1:
-        return levenberg_marquardt(emulate, flux, cinv, starts[:, 0], low, high, max_iter, tol, prior)
+        return levenberg_marquardt(emulate, flux, cinv, starts[:, 0], low, high, max_iter, tol, prior, basis)
     result = levenberg_marquardt(emulate, flux.repeat_interleave(n_starts, 0), cinv.repeat_interleave(n_starts, 0),
-                                 starts.reshape(b * n_starts, -1), low, high, max_iter, tol, prior)
+                                 starts.reshape(b * n_starts, -1), low, high, max_iter, tol, prior, basis)
     best = result.chi2.view(b, n_starts).argmin(1) + torch.arange(b, device=flux.device) * n_starts
     return result.select(best)
 
 
 def retry_poor_fits(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                     scatter2: torch.Tensor | None, fit: FitResult, starts: torch.Tensor, rchi2_above: float,
-                    max_iter: int = 30, tol: float = 1e-2, prior: torch.Tensor | None = None) -> tuple[FitResult, int, int]:
+                    max_iter: int = 30, tol: float = 1e-2, prior: torch.Tensor | None = None,
+                    basis: ErrorBasis | None = None) -> tuple[FitResult, int, int]:
     """(fit, spectra retried, fits improved): every spectrum whose `fit` ended above `rchi2_above` in reduced chi-square
     is fitted again from its `starts` (B, S, L), other starts than the first fit's; a chi-square lower by more than
     RETRY_MIN_GAIN is kept.
@@ -239,7 +275,7 @@ def retry_poor_fits(emulate: Emulator, flux: torch.Tensor, weight: torch.Tensor,
     poor = torch.nonzero(fit.rchi2 > rchi2_above).flatten()
     if not len(poor):
         return fit, 0, 0
-    again = fit_spectra(emulate, flux[poor], weight[poor], low, high, scatter2, starts[poor], max_iter, tol, prior)
+    again = fit_spectra(emulate, flux[poor], weight[poor], low, high, scatter2, starts[poor], max_iter, tol, prior, basis)
     better = again.chi2 < fit.chi2[poor] - RETRY_MIN_GAIN
     rows = poor[better]
     merged = {}
@@ -312,5 +348,31 @@ def fit_scatter(resid: torch.Tensor, weight: torch.Tensor, iterations: int = 10,
     return out
 
 
-__all__ = ["HALF_NORMAL_MEDIAN", "FitResult", "error_scale", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance",
+def fit_error_basis(resid: torch.Tensor, weight: torch.Tensor, scatter2: torch.Tensor,
+                    n_components: int) -> tuple[ErrorBasis, torch.Tensor]:
+    """(the `ErrorBasis` of the emulator's `n_components` strongest correlated errors, the scatter s^2 left per pixel).
+
+    resid (N, P): observed minus emulated flux at known labels; weight (N, P) their inverse variance; scatter2 (P,)
+    the per-pixel scatter measured on them. The residuals in units of their per-pixel sigma sqrt(1/w + s^2)
+    would have the identity as covariance if pixels erred independently; its leading eigenvectors (an SVD of the
+    N x P matrix) are the shapes the emulator gets wrong together, and eigenvalue - 1 their variance in those
+    units. Back in flux units (each pixel's typical sigma), the patterns' share of each pixel's variance is taken
+    out of s^2, which had counted it as independent.
+    """
+    wide = wide_dtype(weight.device)
+    used = weight > 0
+    var = torch.where(used, 1.0 / weight.clamp(min=torch.finfo(weight.dtype).tiny) + scatter2, torch.ones_like(weight))
+    z = torch.where(used, resid / var.sqrt(), torch.zeros_like(resid)).to(wide)
+    typical = torch.where(used, var, torch.nan).nanmedian(0).values.sqrt().nan_to_num(0.0).to(wide)
+    k = min(int(n_components), *z.shape)
+    _, singular, vh = torch.linalg.svd(z, full_matrices=False)
+    eigen = singular[:k] ** 2 / used.any(1).sum().clamp(min=1)
+    variance = (eigen - 1.0).clamp(min=1e-6)
+    patterns = typical[:, None] * vh[:k].T
+    left = (scatter2.to(wide) - (patterns**2 * variance).sum(1)).clamp(min=0)
+    dtype = resid.dtype
+    return ErrorBasis(patterns.to(dtype), variance.to(dtype)), left.to(scatter2.dtype)
+
+
+__all__ = ["HALF_NORMAL_MEDIAN", "ErrorBasis", "FitResult", "error_scale", "fit_error_basis", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance",
            "levenberg_marquardt", "template_starts", "value_and_jacobian", "wide_dtype"]
