@@ -462,6 +462,17 @@ def test_a_cannon_whose_error_is_correlated_fits_better_with_its_error_patterns(
     assert (rmse[4] < 1.25 * bound).all(), (rmse, bound)  # with the patterns the model's error costs little
 
 
+def test_more_error_patterns_than_pixels_or_training_spectra_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"^model\.error_components=11 is more than the spectra's 10 pixels: each "
+                                          r"pattern is a spectrum's worth of flux; lower it \(model=cannon uses 12\)$"):
+        EmulatorRegressor(10, LABELS, kind="quadratic", error_components=11)
+    model = emulator(kind="quadratic", seed=26, error_components=30)  # 300 pixels
+    x = inside(model, 20)
+    with pytest.raises(ConfigError, match=r"^model\.error_components=30 is more than the 20 training spectra its "
+                                          r"patterns are measured on; lower it or train on more stars$"):
+        model.net.fit(x, model.emulate(x), torch.full((20, 300), IVAR))
+
+
 def test_a_cannon_checkpoint_from_before_the_error_patterns_loads_without_them():
     model = emulator(kind="quadratic", seed=25)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("net.error_")}

@@ -212,6 +212,14 @@ TRAIN_CONFIG_CASES = [
      r"data\.nuisance_labels=\[vsini\]: the synthetic survey has no label vsini", r"its labels are teff, logg, fe_h, alpha_fe"),
     ("nuisance labels not a list", ["data.nuisance_labels=alpha_fe"], r"data\.nuisance_labels=alpha_fe is not valid",
      r"name zero or more labels, e\.g\. data\.nuisance_labels=\[alpha_fe\]"),
+    ("error patterns for the network emulator", ["model=emulator", "model.error_components=3"],
+     r"model\.error_components=3: the patterns of the emulator's error are measured for kind=quadratic \(The Cannon\) only",
+     r"set model\.error_components=0 \(or use model=cannon\)"),
+    ("more error patterns than pixels", ["model=cannon", "model.error_components=100000"],
+     r"model\.error_components=100000 is more than the spectra's 8575 pixels", r"lower it \(model=cannon uses 12\)"),
+    ("more error patterns than training spectra", ["model=cannon", "model.error_components=500"],
+     r"model\.error_components=500 is more than the 420 training spectra its patterns are measured on",
+     r"lower it or train on more stars"),
 ]
 for _name, _overrides, _problem, _fix in TRAIN_CONFIG_CASES:
     case(_name, _problem, _fix)(lambda env, o=tuple(_overrides): run_train(env, *o))

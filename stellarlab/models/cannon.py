@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stellarlab.errors import ConfigError
 from stellarlab.models.spectrum_fit import ErrorBasis, fit_error_basis, fit_scatter, inverse_variance, wide_dtype
 
 #: Rounds of (least squares, scatter) at most.
@@ -50,6 +51,9 @@ class QuadraticFlux(nn.Module):
 
     def __init__(self, n_labels: int, n_pixels: int, error_components: int = 0):
         super().__init__()
+        if error_components > n_pixels:
+            raise ConfigError(f"model.error_components={error_components} is more than the spectra's {n_pixels} pixels: "
+                              "each pattern is a spectrum's worth of flux; lower it (model=cannon uses 12)")
         theta = torch.zeros(n_pixels, n_terms(n_labels))
         theta[:, 0] = 1.0  # the continuum until fitted
         self.theta = nn.Parameter(theta, requires_grad=False)
@@ -68,10 +72,14 @@ class QuadraticFlux(nn.Module):
     def fit(self, labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor, scatter: bool = True) -> torch.Tensor:
         """Fit theta and the error patterns to training spectra at their standardised labels; returns the per-pixel
         scatter s^2 the patterns leave (zeros without `scatter`)."""
+        k, rows = self.error_variance.numel(), len(scatter_rows(len(flux), flux.device))
+        if k > rows:
+            raise ConfigError(f"model.error_components={k} is more than the {rows} training spectra its patterns are "
+                              "measured on; lower it or train on more stars")
         theta, s2 = fit_quadratic(labels, flux, weight, scatter=scatter)
         self.theta.copy_(theta)
-        if self.error_variance.numel():
-            basis, s2 = error_basis(labels, flux, weight, theta, s2, self.error_variance.numel())
+        if k:
+            basis, s2 = error_basis(labels, flux, weight, theta, s2, k)
             self.error_patterns.copy_(basis.patterns)
             self.error_variance.copy_(basis.variance)
         return s2

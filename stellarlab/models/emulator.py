@@ -120,7 +120,7 @@ class EmulatorRegressor(SpectrumRegressor):
         latent_dims: Annotated[int | None, Number(minimum=0, integer=True, allow_null=True,
                                                   example="model.latent_dims=1")] = None,
         scatter: Annotated[bool, Flag()] = True,
-        error_components: Annotated[int, Number(minimum=0, integer=True, example="model.error_components=16")] = 0,
+        error_components: Annotated[int, Number(minimum=0, integer=True, example="model.error_components=12")] = 0,
         fit_starts: Annotated[int, Number(minimum=1, integer=True, example="model.fit_starts=2")] = 1,
         fit_templates: Annotated[int, Number(minimum=1, integer=True, example="model.fit_templates=256")] = 256,
         fit_iterations: Annotated[int, Number(minimum=1, integer=True, example="model.fit_iterations=30")] = 30,

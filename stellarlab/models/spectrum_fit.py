@@ -357,9 +357,12 @@ def fit_error_basis(resid: torch.Tensor, weight: torch.Tensor, scatter2: torch.T
     would have the identity as covariance if pixels erred independently; its leading eigenvectors (an SVD of the
     N x P matrix) are the shapes the emulator gets wrong together, and eigenvalue - 1 their variance in those
     units. Back in flux units (each pixel's typical sigma), the patterns' share of each pixel's variance is taken
-    out of s^2, which had counted it as independent.
+    out of s^2, which had counted it as independent. Computed on the CPU in float64 (MPS has neither an SVD nor
+    float64; the matrix is a few thousand spectra), returned on the residuals' device.
     """
-    wide = wide_dtype(weight.device)
+    device, dtype = resid.device, resid.dtype
+    resid, weight, scatter2 = resid.cpu(), weight.cpu(), scatter2.cpu()
+    wide = torch.float64
     used = weight > 0
     var = torch.where(used, 1.0 / weight.clamp(min=torch.finfo(weight.dtype).tiny) + scatter2, torch.ones_like(weight))
     z = torch.where(used, resid / var.sqrt(), torch.zeros_like(resid)).to(wide)
@@ -370,8 +373,7 @@ def fit_error_basis(resid: torch.Tensor, weight: torch.Tensor, scatter2: torch.T
     variance = (eigen - 1.0).clamp(min=1e-6)
     patterns = typical[:, None] * vh[:k].T
     left = (scatter2.to(wide) - (patterns**2 * variance).sum(1)).clamp(min=0)
-    dtype = resid.dtype
-    return ErrorBasis(patterns.to(dtype), variance.to(dtype)), left.to(scatter2.dtype)
+    return ErrorBasis(patterns.to(device, dtype), variance.to(device, dtype)), left.to(device, dtype)
 
 
 __all__ = ["HALF_NORMAL_MEDIAN", "ErrorBasis", "FitResult", "error_scale", "fit_error_basis", "fit_spectra", "fit_scatter", "formal_errors", "inverse_variance",
