@@ -152,4 +152,4 @@ def error_basis(labels: torch.Tensor, flux: torch.Tensor, weight: torch.Tensor, 
     return fit_error_basis(resid, weight[rows], scatter2, n_components)
 
 
-__all__ = ["QuadraticFlux", "error_basis", "fit_quadratic", "scatter_rows", "n_terms", "quadratic_design", "weighted_least_squares"]
+__all__ = ["QuadraticFlux", "error_basis", "fit_quadratic", "n_terms", "quadratic_design", "scatter_rows", "weighted_least_squares"]

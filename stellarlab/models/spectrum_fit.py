@@ -49,6 +49,7 @@ class ErrorBasis:
         m = torch.einsum("pi,bp,pj->bij", u, cinv, u).to(wide)
         return torch.linalg.inv(m + torch.diag(1.0 / self.variance.to(device=cinv.device, dtype=wide)))
 
+
 #: Damping of the first step, and the factor it is divided by on success and multiplied by on failure.
 LAMBDA_START, LAMBDA_FACTOR = 1e-2, 10.0
 #: Damping above which a spectrum stops: no step, however small, lowers its chi-square any more.
