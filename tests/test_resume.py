@@ -440,6 +440,33 @@ def test_a_signal_after_the_last_batch_stops_the_run_and_the_resumed_emulator_ca
 
 
 @pytest.mark.slow
+def test_a_cannon_stopped_during_the_test_resumes_without_fitting_again(tmp_path, cache):
+    """The Cannon is fitted in its one epoch, whatever trainer.max_epochs says. Resumed after it, it must not fit
+    again (another epoch's batch order picks other spectra for its scatter and error patterns): it tests the
+    model it had, and its report is the uninterrupted run's."""
+    cannon = ["model=cannon", "model.error_components=4", f"paths.cache_dir={cache}"]
+    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_test_start",
+               "+callbacks.stop.sig=SIGTERM", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    whole = resume(*RUN, *cannon, f"paths.log_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = resume(*RUN, *cannon, f"paths.log_dir={tmp_path / 'cut'}", *stopper)
+    assert first.returncode == 143, first.stderr[-3000:]
+    run_dir = only_run(tmp_path / "cut")
+    fitted = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+    resumed = resume(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kept = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for name in ("net.theta", "scatter2", "net.error_patterns", "net.error_variance"):
+        assert torch.equal(kept[name], fitted[name]), name
+    got, expected = metrics(run_dir), metrics(only_run(tmp_path / "whole"))
+    assert got["epochs"] == expected["epochs"] == 1
+    for label, values in expected["test"].items():
+        assert got["test"][label]["rmse"] == pytest.approx(values["rmse"], rel=1e-6)
+        assert got["calibration"][label]["mean_sigma"] == pytest.approx(expected["calibration"][label]["mean_sigma"], rel=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_survey_is_generated_is_one_line_and_leaves_nothing_behind(tmp_path, sig):
     cmd = [sys.executable, "train.py", *TINY, "data.n_stars=6000", f"paths.log_dir={tmp_path / 'out'}",

@@ -95,14 +95,13 @@ class EmulatorRegressor(SpectrumRegressor):
 
     @classmethod
     def check_together(cls, values: Mapping[str, Any]) -> None:
-        kind = str(values.get("kind", "mlp"))
         if str(values.get("loss", "mse")) != "mse":
             raise ConfigError(f"model.loss={values['loss']}: the emulator trains on the chi-square of the flux and its "
                               "errors come from the fit; remove model.loss (or use a network: model=mlp model.loss=gaussian_nll)")
-        if kind == "quadratic" and values.get("latent_dims"):
+        if str(values.get("kind", "mlp")) == "quadratic" and values.get("latent_dims"):
             raise ConfigError(f"model.latent_dims={values['latent_dims']}: kind=quadratic (The Cannon) is quadratic in the "
                               "labels alone; set model.latent_dims=0 or null (or use kind=mlp)")
-        if kind == "mlp" and values.get("error_components"):
+        if str(values.get("kind", "mlp")) == "mlp" and values.get("error_components"):
             raise ConfigError(f"model.error_components={values['error_components']}: the patterns of the emulator's error "
                               "are measured for kind=quadratic (The Cannon) only; set model.error_components=0 (or use model=cannon)")
         starts, templates = values.get("fit_starts", 1), values.get("fit_templates", 256)
@@ -180,9 +179,8 @@ class EmulatorRegressor(SpectrumRegressor):
             high = torch.cat([high, torch.tensor(self.nuisance["max"], device=dev)])
         if not self.latent_dims:
             return low, high, None
-        k, n = self.latent_dims, len(low)
-        bound = torch.full((k,), LATENT_BOUND, device=dev)
-        prior = torch.cat([torch.zeros(n, device=dev), torch.ones(k, device=dev)])
+        bound = torch.full((self.latent_dims,), LATENT_BOUND, device=dev)
+        prior = torch.cat([torch.zeros(len(low), device=dev), torch.ones(self.latent_dims, device=dev)])
         return torch.cat([low, -bound]), torch.cat([high, bound]), prior
 
     def _template_flux(self) -> torch.Tensor:
@@ -255,9 +253,8 @@ class EmulatorRegressor(SpectrumRegressor):
         if self.trainer.world_size > 1:
             raise ConfigError(f"the emulator trains and fits on one device; set trainer.devices=1 (this run has "
                               f"{self.trainer.world_size} processes)")
-        device = self.trainer.strategy.root_device
-        if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
-            # TF32 keeps ~3 significant digits: far coarser than the noise of an SNR-100 spectrum
+        # TF32 keeps ~3 significant digits: far coarser than the noise of an SNR-100 spectrum
+        if self.trainer.strategy.root_device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
             log.info("the emulator needs full float32 matrix products: float32 matmul precision set to 'highest'")
             torch.set_float32_matmul_precision("highest")
 
@@ -307,11 +304,10 @@ class EmulatorRegressor(SpectrumRegressor):
             return []
         stoppers = [cb for cb in self.trainer.callbacks if isinstance(cb, pl.callbacks.EarlyStopping)]
         epochs = self.trainer.max_epochs
-        if not stoppers or epochs is None or epochs < 0:
+        # none, no epoch limit, or already off (this hook runs again for the test after fit)
+        if not stoppers or epochs is None or epochs < 0 or stoppers[0].patience >= epochs:
             return []
         old = stoppers[0]
-        if old.patience >= epochs:  # already off (this hook runs again for the test after fit)
-            return []
         log.info("the emulator's learning rate decays on a cosine to epoch %d: early stopping is off for this run "
                  "(patience %d -> %d)", epochs, old.patience, epochs)
         return [pl.callbacks.EarlyStopping(monitor=old.monitor, mode=old.mode, min_delta=abs(old.min_delta),
@@ -319,9 +315,8 @@ class EmulatorRegressor(SpectrumRegressor):
 
     def inputs(self, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The emulator's inputs of a batch or split (`labels`, `nuisance`): standardised labels, then nuisance labels."""
-        if not self.nuisance["names"]:
-            return rows["labels"]
-        return torch.cat([rows["labels"], rows["nuisance"].to(rows["labels"])], 1)
+        labels = rows["labels"]
+        return torch.cat([labels, rows["nuisance"].to(labels)], 1) if self.nuisance["names"] else labels
 
     def _known(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flux, weight, inputs) of the rows with every input known: the emulator maps all of them to flux."""
@@ -358,6 +353,11 @@ class EmulatorRegressor(SpectrumRegressor):
             for logger in self.loggers if self._trainer is not None else ():
                 logger.log_metrics({"train/loss_step": value}, step=self.global_step)
         return loss
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.kind == "quadratic" and self.current_epoch > 0:  # resumed after its one epoch: fitting again (on
+            self.trainer.should_stop = True  # another batch order) would measure its scatter on other spectra
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
