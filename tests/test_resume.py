@@ -440,6 +440,22 @@ def test_a_signal_after_the_last_batch_stops_the_run_and_the_resumed_emulator_ca
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["cannon", "ridge"])
+def test_a_one_pass_fit_stopped_mid_epoch_saves_nothing_to_resume_from(tmp_path, cache, model):
+    """Ridge, knn and the Cannon keep their epoch's rows in memory and fit at its end. A checkpoint in the middle
+    of that epoch would resume into a fit of the later batches alone, on fewer stars than the run was given:
+    none is written, and the message says to start again."""
+    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_train_batch_end",
+               "+callbacks.stop.sig=SIGTERM", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    first = resume(*RUN, f"model={model}", f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache}", *stopper)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert first.stderr.strip().splitlines()[-1] == "interrupted: stopped by SIGTERM"
+    run_dir = only_run(tmp_path)
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert "before a first epoch ended: nothing to resume; start the run again" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
 def test_a_cannon_stopped_during_the_test_resumes_without_fitting_again(tmp_path, cache):
     """The Cannon is fitted in its one epoch, whatever trainer.max_epochs says. Resumed after it, it must not fit
     again (another epoch's batch order picks other spectra for its scatter and error patterns): it tests the

@@ -110,6 +110,9 @@ class SpectrumRegressor(Predicting, pl.LightningModule):
 
     #: Epochs a fit can take at most whatever trainer.max_epochs says (None: as many as the trainer allows).
     max_fit_epochs: ClassVar[int | None] = None
+    #: Fitted from every batch of its one epoch at once, the rows kept in memory until the epoch ends: a checkpoint
+    #: in the middle of that epoch cannot hold them, so an interrupted fit starts its epoch again.
+    fits_in_one_pass: bool = False
 
     def __new__(cls, *args, **kwargs):
         check_call(cls, args, kwargs, "model")

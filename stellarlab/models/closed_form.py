@@ -38,6 +38,7 @@ class ClosedFormRegressor(SpectrumRegressor):
     #: Name of the hyperparameter tuned on validation (`alpha`, `k`): logged as `model/<name>`.
     tuned: str = ""
     max_fit_epochs = 1  # the solve ends the fit after its first epoch
+    fits_in_one_pass = True
 
     @classmethod
     def logged_metrics(cls, label_names: Sequence[str], values: Mapping[str, Any]) -> list[str]:

@@ -143,7 +143,7 @@ class EmulatorRegressor(SpectrumRegressor):
             self.net = FluxNetwork(n_inputs, n_pixels, hidden_sizes, activation, self.latent_dims)
         else:
             self.net = QuadraticFlux(n_inputs, n_pixels, int(error_components))
-            self.automatic_optimization = False
+            self.automatic_optimization, self.fits_in_one_pass = False, True
             if kwargs.get("optimizer") is not None or kwargs.get("scheduler") is not None:
                 log.info("kind=quadratic is fitted in closed form in one pass: the optimizer and scheduler configs are ignored")
         self.register_buffer("sigma_scale", torch.ones(n_labels))  # calibration of the formal errors (on_train_end)

@@ -204,7 +204,8 @@ class GracefulStop(pl.Callback):
     """SIGTERM (Slurm preemption, scancel, kill), Ctrl-C, or the requeue signal: stop cleanly in every phase.
 
     In the training loop Lightning turns SIGTERM into `SIGTERMException` once the current batch is done, a
-    point where the state is consistent; this callback saves `<dirpath>/last.ckpt` there. Ctrl-C and the
+    point where the state is consistent; this callback saves `<dirpath>/last.ckpt` there (except for a model
+    that `fits_in_one_pass`: what it has read so far is not in its weights, so its epoch starts again). Ctrl-C and the
     requeue signal (`SUBMITIT_PREEMPT_SIGNAL`, USR2 by default: what submitit asks Slurm to send before the
     time limit or on preemption) are routed the same way while `signals()` is active. Outside the training
     loop every one of them raises `RunInterrupted` at once: the last finished epoch is in `last.ckpt`
@@ -300,6 +301,8 @@ class GracefulStop(pl.Callback):
         self.where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
+        if getattr(pl_module, "fits_in_one_pass", False):  # its rows so far are in memory, not in a checkpoint:
+            return  # resumed, it would be fitted on the later batches alone, so its one epoch starts again
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint_path = path
