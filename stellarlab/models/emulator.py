@@ -354,11 +354,6 @@ class EmulatorRegressor(SpectrumRegressor):
                 logger.log_metrics({"train/loss_step": value}, step=self.global_step)
         return loss
 
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self.kind == "quadratic" and self.current_epoch > 0:  # resumed after its one epoch: fitting again (on
-            self.trainer.should_stop = True  # another batch order) would measure its scatter on other spectra
-
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._train_rows = []

@@ -138,7 +138,9 @@ class ExactResume(pl.Callback):
     - Loggers are flushed when an epoch starts: TensorBoard otherwise keeps up to 2 minutes of
       events in memory, which a killed process loses although its checkpoint is on disk.
     - An early stop decided before the checkpoint stays decided: Lightning does not save
-      `trainer.should_stop`, so a resumed run would otherwise train one more epoch.
+      `trainer.should_stop`, so a resumed run would otherwise train one more epoch. So does the end of a
+      model that `fits_in_one_pass`: its one epoch was its whole fit, and another would fit it again on
+      another batch order (the Cannon's scatter would be measured on other spectra).
     - The metrics the last epoch logged: a run killed after its last epoch (during the test, the bound,
       the reports) resumes with no epoch to train, and goes straight on with the values its
       checkpoint holds.
@@ -176,6 +178,8 @@ class ExactResume(pl.Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, EarlyStopping) and (cb.stopped_epoch > 0 or 0 < cb.wait_count >= cb.patience):
                 trainer.should_stop = True
+        if getattr(pl_module, "fits_in_one_pass", False) and trainer.current_epoch > 0:
+            trainer.should_stop = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for logger in trainer.loggers:
