@@ -1,8 +1,8 @@
 """Errors stellarlab raises on purpose: a user mistake or bad input, with the fix in the message.
 
 Every command (train, eval, predict, download, compare) runs inside `command_errors`: these errors are
-printed as one `error:` line and exit with code 2 instead of showing a traceback; Ctrl-C is one line
-and exit 130.
+printed as one `error:` line and exit with code 2 instead of showing a traceback; Ctrl-C and SIGTERM are
+one `interrupted:` line and exit 128 + the signal's number (130, 143).
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 
@@ -28,6 +31,15 @@ class DataError(StellarlabError, ValueError):
 
 class TrainingError(StellarlabError, RuntimeError):
     """Training went numerically wrong (non-finite loss)."""
+
+
+class CommandInterrupted(BaseException):
+    """Ctrl-C or SIGTERM in a command (`command_errors`). A BaseException, so that no `except Exception` on the
+    way swallows it, and not a KeyboardInterrupt, which Lightning turns into exit 1 inside `trainer.test`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def missing_extra(option: str, what: str, extra: str, modules: Sequence[str]) -> ConfigError | None:
@@ -62,20 +74,51 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 @contextlib.contextmanager
-def command_errors(log: logging.Logger, interrupted: str = "run the same command again") -> Iterator[None]:
+def _signals_raise_interrupted() -> Iterator[None]:
+    """While the block runs, Ctrl-C and SIGTERM raise `CommandInterrupted` in this process; a forked worker (a reading
+    pool) keeps the default behaviour, so the main process alone reports the stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def on_signal(signum: int, frame) -> None:
+        if os.getpid() == pid:
+            raise CommandInterrupted(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def command_errors(log: logging.Logger, interrupted: str = "run the same command again",
+                   signals: bool = True) -> Iterator[None]:
     """The one error exit of every command.
 
     A stellarlab error, however deeply wrapped (Hydra's InstantiationException), becomes one line on stderr
-    and exit code 2; Ctrl-C becomes `interrupted: <interrupted>` and exit code 130; any other exception keeps
-    its traceback (a bug, not a user mistake).
+    and exit code 2; Ctrl-C and SIGTERM become `interrupted: <interrupted>` and exit code 128 + the signal
+    (130, 143); any other exception keeps its traceback (a bug, not a user mistake). `signals=False` leaves
+    the signals to the command's own handler (train.py saves a checkpoint first).
     """
     try:
-        yield
-    except KeyboardInterrupt:
+        with _signals_raise_interrupted() if signals else contextlib.nullcontext():
+            yield
+    except (KeyboardInterrupt, CommandInterrupted) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
         if log.hasHandlers():  # the run's log file too; without handlers logging would print the line twice
-            log.error("interrupted")
+            log.error("interrupted by %s", signal.Signals(signum).name)
         print(f"interrupted: {interrupted}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + int(signum))
     except Exception as err:
         cause = root_cause(err)
         if not isinstance(cause, StellarlabError):

@@ -6,6 +6,7 @@ file, answer 503s first, ignore Range, and emulate the Hugging Face `resolve` en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import threading
@@ -49,6 +50,8 @@ class FileServer:
         self.drops: dict[str, list[int]] = {}  # path -> body bytes to send before cutting the connection, one per request
         self.statuses: dict[str, list] = {}  # path -> error statuses (or (status, headers)) to answer first, one per request
         self.ignore_range: set[str] = set()
+        self.stalls: dict[str, int] = {}  # path -> body bytes to send before waiting for `release` (whole requests only)
+        self.release = threading.Event()
         self.delay = 0.0
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.in_flight = 0
@@ -127,7 +130,14 @@ class FileServer:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                self.wfile.write(chunk)
+                stall = server.stalls.get(path) if not rng else None
+                if stall is not None:  # part of the file, then nothing until the test releases the rest
+                    self.wfile.write(chunk[:stall])
+                    self.wfile.flush()
+                    server.release.wait(30)
+                    chunk = chunk[stall:]
+                with contextlib.suppress(OSError):  # the client may be gone (stopped while the server stalled)
+                    self.wfile.write(chunk)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -543,6 +553,40 @@ def test_cli_apogee_failure_exits_1_with_the_summary(server, tmp_path):
     assert "7 downloaded" in proc.stdout and "1 failed" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 file(s) failed")
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()  # no run folder
+
+
+@pytest.mark.slow  # a fresh process imports torch through stellarlab.data: ~10 s on 2 cores
+def test_cli_sigterm_mid_file_keeps_the_part_file_exits_143_and_the_next_run_resumes_it(server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    site = ApogeeSite(server, tmp_path, catalog_name="allStar-test.fits")
+    stalled = site.rel[4]
+    server.stalls[f"{SAS}/{stalled}"] = 5000
+    catalog = tmp_path / "data" / "apogee" / "allStar-test.fits"
+    args = [*site.overrides(), f"data.catalog={catalog}", "download.apogee.catalog_name=allStar-test.fits"]
+    proc = subprocess.Popen([sys.executable, "-m", "stellarlab.download", f"paths.root_dir={tmp_path}", *FAST, *args],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = None
+    for _ in range(1200):  # until the stalled file has its first 5000 bytes on disk
+        part = next((p for p in (tmp_path / "data").rglob("*.part") if p.stat().st_size == 5000), None)
+        if part is not None or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert part is not None and part.name == stalled.rsplit("/", 1)[1] + ".part", proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "interrupted: partial files are kept as *.part; run the same command again to resume")
+    assert part.stat().st_size == 5000 and not part.with_suffix("").exists()
+
+    server.release.set()
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert part.with_suffix("").read_bytes() == site.spectra[stalled] and not part.exists()
+    assert server.gets(f"{SAS}/{stalled}")[-1] == "bytes=5000-"
 
 
 def test_cli_config_errors_exit_2_with_one_line(tmp_path):

@@ -109,6 +109,37 @@ def test_eval_and_predict_refuse_a_checkpoint_with_flipped_bytes(trained, tmp_pa
         assert not list((tmp_path / argv[0]).rglob("*.csv")) and not list((tmp_path / argv[0]).rglob("metrics.json"))
 
 
+def _stopped(command: str, hook: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
+    """`command`'s cli run with `hook` (a line that patches a function in this process) sending the signal
+    at a known point, so the stop lands in the phase under test every time."""
+    code = "\n".join(["import os, signal, sys", hook, f"sys.argv = [{command!r}, *sys.argv[1:]]",
+                      f"from stellarlab.commands.{command.removesuffix('.py')} import cli", "cli()"])
+    return subprocess.run([sys.executable, "-c", code, *args, f"paths.log_dir={log_dir}"], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_output(trained, tmp_path):
+    # Ctrl-C inside Lightning's test loop: Lightning alone would end the process with exit 1 and no line
+    hook = ("from stellarlab.run.callbacks import FigureLogger\n"
+            "FigureLogger.on_test_batch_start = lambda *a: os.kill(os.getpid(), signal.SIGINT)")
+    out = _stopped("eval.py", hook, f"ckpt_path={trained['ckpt']}", log_dir=tmp_path / "eval")
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
+    assert not list((tmp_path / "eval").rglob("metrics.json")) and not list((tmp_path / "eval").rglob("*.csv"))
+
+    # SIGTERM (scancel, kill) while the spectra are read and predicted: no catalogue, no temporary left
+    np.save(tmp_path / "flux.npy", _test_flux(trained)[:8])
+    hook = ("from stellarlab.results import prediction\nreal = prediction.stream_predictions\n"
+            "def stream(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*a, **k)\n"
+            "prediction.stream_predictions = stream")
+    out = _stopped("predict.py", hook, f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'flux.npy'}",
+                   log_dir=tmp_path / "predict")
+    assert out.returncode == 143 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
+    written = [p.name for p in (tmp_path / "predict").rglob("*") if p.is_file()]
+    assert not [n for n in written if n.startswith("predictions") or ".tmp-" in n], written
+
+
 def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained, tmp_path):
     flux = _test_flux(trained)[:2].astype(np.float64)
     err = np.full_like(flux[0], 0.01)

@@ -173,7 +173,7 @@ def main(cfg: DictConfig) -> float:
     recorded (metrics.json `status: failed`) and returns a value instead, so the other jobs go on."""
     from stellarlab.run.allocator import apply_command_setting
 
-    with command_errors(log, interrupted=RESUME_HINT):
+    with command_errors(log, interrupted=RESUME_HINT, signals=False):  # GracefulStop owns the signals
         try:
             with run_lock(cfg.paths.output_dir):  # `resume=` refuses a folder a live process is training
                 apply_command_setting(cfg.get("malloc_keep_block_mb"))  # the command's setting, before any data

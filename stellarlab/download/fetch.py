@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
+from stellarlab.errors import CommandInterrupted
+
 log = logging.getLogger("stellarlab.download.command")
 
 PART_SUFFIX = ".part"
@@ -222,7 +224,7 @@ class Fetcher:
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sums") as pool:
             try:
                 return list(pool.map(first, candidates))
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, CommandInterrupted):
                 self._stop.set()  # the workers give up at their next request
                 raise
 
@@ -345,8 +347,8 @@ class Fetcher:
     def fetch_all(self, jobs: Sequence[FileJob], desc: str = "files") -> list[FileResult]:
         """Fetch `jobs` with at most `workers` at once; results in job order.
 
-        One job shows a byte progress bar, several a file-count bar. Ctrl-C stops the workers at
-        the next chunk, keeps their `.part` files and re-raises KeyboardInterrupt."""
+        One job shows a byte progress bar, several a file-count bar. Ctrl-C or SIGTERM stops the
+        workers at the next chunk, keeps their `.part` files and re-raises."""
         if not jobs:
             return []
         results: list[FileResult | None] = [None] * len(jobs)
@@ -385,7 +387,7 @@ class Fetcher:
                             got["failed"] += result.status == FAILED
                             bar.set_postfix_str(f"{human_bytes(got['bytes'])}, {got['failed']} failed", refresh=False)
                             bar.update(1)
-                except KeyboardInterrupt:
+                except (KeyboardInterrupt, CommandInterrupted):
                     self._stop.set()  # workers stop at their next chunk and keep their .part files
                     for future in futures:
                         future.cancel()
