@@ -75,8 +75,8 @@ def root_cause(err: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def _signals_raise_interrupted() -> Iterator[None]:
-    """While the block runs, Ctrl-C and SIGTERM raise `CommandInterrupted` in this process; a forked worker (a reading
-    pool) keeps the default behaviour, so the main process alone reports the stop."""
+    """While the block runs, Ctrl-C and SIGTERM raise `CommandInterrupted` in this process. A forked worker (a
+    DataLoader's) ignores them, as the workers of a reading pool do: the main process stops them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -85,10 +85,6 @@ def _signals_raise_interrupted() -> Iterator[None]:
     def on_signal(signum: int, frame) -> None:
         if os.getpid() == pid:
             raise CommandInterrupted(signum)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:

@@ -115,7 +115,7 @@ def _stopped(command: str, hook: str, *args: str, log_dir: Path) -> subprocess.C
     code = "\n".join(["import os, signal, sys", hook, f"sys.argv = [{command!r}, *sys.argv[1:]]",
                       f"from stellarlab.commands.{command.removesuffix('.py')} import cli", "cli()"])
     return subprocess.run([sys.executable, "-c", code, *args, f"paths.log_dir={log_dir}"], cwd=ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, start_new_session=True, timeout=300)  # its own group: killpg
 
 
 def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_output(trained, tmp_path):
@@ -138,6 +138,22 @@ def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_outp
     assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
     written = [p.name for p in (tmp_path / "predict").rglob("*") if p.is_file()]
     assert not [n for n in written if n.startswith("predictions") or ".tmp-" in n], written
+
+    # SIGTERM to the whole job, as Slurm and a terminal send it, while two worker processes read blocks: the
+    # workers leave the stop to the main process (one killed mid-reply would leave it waiting forever)
+    flux = _test_flux(trained)
+    for i in range(48):
+        write_aspcapstar(tmp_path / "many" / f"aspcapStar-dr17-2M{i:08d}.fits", flux[i % len(flux)],
+                         np.full(flux.shape[1], 0.01, np.float32), objid=f"2M{i:08d}")
+    hook = ("from stellarlab.results import prediction\nreal = prediction.parallel_results\n"
+            "def blocks(*a, **k):\n    for i, block in enumerate(real(*a, **k)):\n"
+            "        if i == 1:\n            os.killpg(0, signal.SIGTERM)\n        yield block\n"
+            "prediction.parallel_results = blocks")
+    out = _stopped("predict.py", hook, f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'many'}", "data.workers=2",
+                   "data.chunk_size=2", log_dir=tmp_path / "group")
+    assert out.returncode == 143 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
+    assert not list((tmp_path / "group").rglob("predictions*"))
 
 
 def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained, tmp_path):

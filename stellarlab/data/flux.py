@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -280,17 +281,29 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _leave_signals_to_the_main_process() -> None:
+    """A reading worker ignores Ctrl-C and SIGTERM, which a terminal or Slurm sends to every process of the job:
+    one killed while it sends a block back leaves half a message in the pool's pipe, and the main process,
+    stopping cleanly, would wait for the rest forever. The main process stops the pool instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def parallel_results(function: Callable, tasks: Iterable, workers: int, parallel: str = "process",
                      in_flight: int | None = None) -> Iterator:
     """`function(task)` for every task, in the order they finish, by `workers` processes or threads (1: here).
 
     At most `in_flight` tasks (default 2 per worker) are submitted at a time, so memory does not grow with the
-    number of tasks. Results are yielded as they complete; the caller puts them in order if it needs to."""
+    number of tasks. Results are yielded as they complete; the caller puts them in order if it needs to.
+    Stopped (an error, a signal), the pool finishes the tasks it is running and starts no other."""
     if workers <= 1:
         yield from map(function, tasks)
         return
     limit = in_flight or 2 * workers
-    pool = (ProcessPoolExecutor if parallel == "process" else ThreadPoolExecutor)(max_workers=workers)
+    if parallel == "process":
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_leave_signals_to_the_main_process)
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers)
     try:
         pending: set = set()
         for task in tasks:
