@@ -578,6 +578,15 @@ def _(env):
     return raised(DataError, find_inputs, [str(env.tmp / "missing.npy")], "auto")
 
 
+@case("predict input that is a pipe, not a file", r"input .*spectra\.fits is not a regular file \(a pipe or a device\)",
+      r"give input=<file>, <folder> or \[<file>,<file>,\.\.\.\]")
+def _(env):
+    from stellarlab.results.prediction import find_inputs
+
+    os.mkfifo(env.tmp / "spectra.fits")  # reading it would wait for a writer forever
+    return raised(DataError, find_inputs, [str(env.tmp / "spectra.fits")], "auto")
+
+
 @case("predict format that does not exist", r"format='fits' is not one of \['auto', 'aspcapStar', 'apStar', 'npy'\]",
       r"format=auto tells it from each file's name")
 def _(env):

@@ -5,6 +5,7 @@ The catalogue of a model of the synthetic APOGEE survey has allStar's names (ID,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,18 @@ def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_outp
     assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
     assert not list((tmp_path / "group").rglob("predictions*"))
 
+    # a worker whose file never answers (a hung network mount): the stop kills it after the grace period
+    hook = ("import time\nfrom stellarlab.results import prediction\nfrom stellarlab.data import flux\n"
+            "flux.STOP_GRACE_SECONDS = 1.0\nreal_read, real_blocks = prediction.read_block, prediction.parallel_results\n"
+            "def read(task):\n    if task[0] == 1:\n        time.sleep(3600)\n    return real_read(task)\n"
+            "def blocks(*a, **k):\n    for block in real_blocks(*a, stop_grace=flux.STOP_GRACE_SECONDS, **k):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n        yield block\n"
+            "prediction.read_block, prediction.parallel_results = read, blocks")
+    out = _stopped("predict.py", hook, f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'many'}", "data.workers=2",
+                   "data.chunk_size=2", log_dir=tmp_path / "stuck")
+    assert out.returncode == 143 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not list((tmp_path / "stuck").rglob("predictions*"))
+
 
 def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained, tmp_path):
     flux = _test_flux(trained)[:2].astype(np.float64)
@@ -219,6 +232,8 @@ def test_predict_finds_each_format_and_its_reader_through_the_survey_registry(tm
              "flux_wavelength.npy", "flux_ivar.npy", "notes.txt"]
     for name in names:
         (tmp_path / name).touch()
+    os.mkfifo(tmp_path / "apStar-dr17-2M4.fits")  # a pipe would never answer: passed over, as is a folder
+    (tmp_path / "aspcapStar-dr17-2M5.fits").mkdir()
     assert [p.name for p in find_inputs(str(tmp_path), "auto")] == sorted(names[:4])
     assert [p.name for p in find_inputs(str(tmp_path), "apStar")] == ["apStar-dr17-2M2.fits", "asStar-dr17-2M3.fits"]
     kinds = [file_format(tmp_path / name, "auto") for name in names[:4]]

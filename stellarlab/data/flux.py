@@ -17,6 +17,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -281,21 +282,41 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+#: Seconds a stopped pool's worker processes get to finish the block they are reading before they are killed.
+STOP_GRACE_SECONDS = 10.0
+
+
 def _leave_signals_to_the_main_process() -> None:
     """A reading worker ignores Ctrl-C and SIGTERM, which a terminal or Slurm sends to every process of the job:
-    one killed while it sends a block back leaves half a message in the pool's pipe, and the main process,
-    stopping cleanly, would wait for the rest forever. The main process stops the pool instead."""
+    one killed while it sends a block back leaves half a message in the pool's pipe, and the main process would
+    wait for the rest forever. The main process stops the pool instead (`_stop_pool`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _stop_pool(pool, grace: float) -> None:
+    """Stop a pool whose results are no longer wanted (an error, a signal): no new task starts, and a worker
+    process still busy after `grace` seconds (a file that never answers: a pipe, a hung network mount) is killed,
+    so the command can exit. Not killed at once: a worker killed while sending its block back would leave half a
+    message in the pool's pipe, which the pool's reader would wait on forever."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def parallel_results(function: Callable, tasks: Iterable, workers: int, parallel: str = "process",
-                     in_flight: int | None = None) -> Iterator:
+                     in_flight: int | None = None, stop_grace: float = STOP_GRACE_SECONDS) -> Iterator:
     """`function(task)` for every task, in the order they finish, by `workers` processes or threads (1: here).
 
     At most `in_flight` tasks (default 2 per worker) are submitted at a time, so memory does not grow with the
     number of tasks. Results are yielded as they complete; the caller puts them in order if it needs to.
-    Stopped (an error, a signal), the pool finishes the tasks it is running and starts no other."""
+    Stopped early (an error, a signal, the caller done), the pool starts no other task (`_stop_pool`): use it
+    in `contextlib.closing`, so that happens when the caller stops, not when the interpreter exits."""
     if workers <= 1:
         yield from map(function, tasks)
         return
@@ -316,8 +337,10 @@ def parallel_results(function: Callable, tasks: Iterable, workers: int, parallel
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        _stop_pool(pool, stop_grace)
+        raise
+    pool.shutdown(wait=True)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ is flagged (`<label>_outside`): a model extrapolates there, or was fed garbage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -138,13 +139,16 @@ def find_inputs(inputs: str | Sequence[str], fmt: str) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted({p for pattern in patterns for p in path.glob(pattern)
-                            if not any(fnmatchcase(p.name, c) for c in companions)})
+            found = sorted({p for pattern in patterns for p in path.glob(pattern)  # files only: a pipe would
+                            if p.is_file() and not any(fnmatchcase(p.name, c) for c in companions)})  # never answer
             if not found:
                 raise DataError(f"input folder {path} holds no spectra (looked for {', '.join(patterns)})")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise DataError(f"input {path} is not a regular file (a pipe or a device); give input=<file>, <folder> "
+                            f"or [<file>,<file>,...]")
         else:
             raise DataError(f"input {path}: no such file or folder; give input=<file>, <folder> or [<file>,<file>,...]")
     seen: dict[Path, Path] = {}
@@ -317,11 +321,14 @@ def stream_predictions(models, tasks: Sequence[Task], *, batch_size: int, trust,
               mininterval=0.5, dynamic_ncols=True, smoothing=0.1) as bar:
         for kind, workers_of_kind in (("process", workers), ("thread", READER_THREADS)):
             work = [(t.index, t.parts) for t in tasks if t.parallel == kind]
-            for block in parallel_results(read_block, work, workers_of_kind, kind, in_flight=workers_of_kind + 1):
-                task = by_index[block.index]
-                bar.update(_predict_block(models, task, block, batch_size, trust, result))
-                if result.skipped:
-                    bar.set_postfix(skipped=len(result.skipped), refresh=False)
+            # closing(): an error or a signal while a block is predicted stops the readers now, not at exit
+            with contextlib.closing(parallel_results(read_block, work, workers_of_kind, kind,
+                                                     in_flight=workers_of_kind + 1)) as blocks:
+                for block in blocks:
+                    task = by_index[block.index]
+                    bar.update(_predict_block(models, task, block, batch_size, trust, result))
+                    if result.skipped:
+                        bar.set_postfix(skipped=len(result.skipped), refresh=False)
     result.skipped.sort(key=lambda s: s["file"])  # workers finish in any order; the listing does not
     result.seconds = time.perf_counter() - start
     return result

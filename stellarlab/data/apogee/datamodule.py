@@ -9,6 +9,7 @@ scaling and bad-pixel handling are the base DataModule's; stars are split by APO
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -314,8 +315,9 @@ class APOGEEDataModule(SpectraDataModule):
         start = time.perf_counter()
         with tqdm(total=len(paths), desc=f"reading {self.source} files", unit="file", disable=not self.progress,
                   mininterval=0.5, dynamic_ncols=True) as bar:
-            for result in parallel_results(load_chunk, tasks, self.workers, self.parallel):
-                bar.update(store(result))
+            with contextlib.closing(parallel_results(load_chunk, tasks, self.workers, self.parallel)) as results:
+                for result in results:  # closing(): a failure in store() stops the readers now, not at exit
+                    bar.update(store(result))
         if bad:
             bad.sort()
             if self.strict:
