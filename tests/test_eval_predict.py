@@ -119,6 +119,15 @@ def _stopped(command: str, hook: str, *args: str, log_dir: Path) -> subprocess.C
                           capture_output=True, text=True, start_new_session=True, timeout=300)  # its own group: killpg
 
 
+def _assert_stopped_by_sigterm(trained, hook: str, spectra: Path, log_dir: Path) -> None:
+    """predict.py with two reading workers, stopped by SIGTERM through `hook`: exit 143, one line, no catalogue."""
+    out = _stopped("predict.py", hook, f"ckpt_path={trained['ckpt']}", f"input={spectra}", "data.workers=2",
+                   "data.chunk_size=2", log_dir=log_dir)
+    assert out.returncode == 143 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
+    assert not list(log_dir.rglob("predictions*"))
+
+
 def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_output(trained, tmp_path):
     # Ctrl-C inside Lightning's test loop: Lightning alone would end the process with exit 1 and no line
     hook = ("from stellarlab.run.callbacks import FigureLogger\n"
@@ -150,11 +159,7 @@ def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_outp
             "def blocks(*a, **k):\n    for i, block in enumerate(real(*a, **k)):\n"
             "        if i == 1:\n            os.killpg(0, signal.SIGTERM)\n        yield block\n"
             "prediction.parallel_results = blocks")
-    out = _stopped("predict.py", hook, f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'many'}", "data.workers=2",
-                   "data.chunk_size=2", log_dir=tmp_path / "group")
-    assert out.returncode == 143 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == "interrupted: run the same command again"
-    assert not list((tmp_path / "group").rglob("predictions*"))
+    _assert_stopped_by_sigterm(trained, hook, tmp_path / "many", tmp_path / "group")
 
     # a worker whose file never answers (a hung network mount): the stop kills it after the grace period
     hook = ("import time\nfrom stellarlab.results import prediction\nfrom stellarlab.data import flux\n"
@@ -163,10 +168,7 @@ def test_a_signal_stops_eval_and_predict_with_one_line_its_exit_code_and_no_outp
             "def blocks(*a, **k):\n    for block in real_blocks(*a, stop_grace=flux.STOP_GRACE_SECONDS, **k):\n"
             "        os.kill(os.getpid(), signal.SIGTERM)\n        yield block\n"
             "prediction.read_block, prediction.parallel_results = read, blocks")
-    out = _stopped("predict.py", hook, f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'many'}", "data.workers=2",
-                   "data.chunk_size=2", log_dir=tmp_path / "stuck")
-    assert out.returncode == 143 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert not list((tmp_path / "stuck").rglob("predictions*"))
+    _assert_stopped_by_sigterm(trained, hook, tmp_path / "many", tmp_path / "stuck")
 
 
 def test_predict_reads_apogee_files_and_resamples_or_refuses_other_grids(trained, tmp_path):

@@ -385,13 +385,18 @@ class StopIn(pl.Callback):
             time.sleep(5)  # the handler raises before this ends
 
 
+def stop_in(hook: str, sig: str, marker: Path) -> list[str]:
+    """train.py overrides that add `StopIn`: the run signals itself with `sig` when `hook` first runs."""
+    return [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", f"+callbacks.stop.hook={hook}",
+            f"+callbacks.stop.sig={sig}", f"+callbacks.stop.marker={marker}"]
+
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_stopped_during_the_test_resumes_straight_to_the_test(tmp_path, cache, sig):
     """Killed after the last epoch: the resumed run trains nothing and finishes the test, bound and reports."""
-    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_test_start",
-               f"+callbacks.stop.sig={sig}", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    stopper = stop_in("on_test_start", sig, tmp_path / "stopped")
     first = resume(*RUN, "trainer.max_epochs=2", f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache}", *stopper)
     expected = {"SIGTERM": 143, "SIGINT": 130, "SIGKILL": -9}[sig]
     assert first.returncode == expected, first.stderr[-3000:]
@@ -418,8 +423,7 @@ def test_a_signal_after_the_last_batch_stops_the_run_and_the_resumed_emulator_ca
     with no epoch to train, calibrates them: its test ends as the uninterrupted run's does."""
     emulator = ["model=emulator", "trainer.max_epochs=2", "model.hidden_sizes=[32,32]", "model.fit_templates=32",
                 f"paths.cache_dir={cache}"]
-    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_train_end",
-               "+callbacks.stop.sig=SIGTERM", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    stopper = stop_in("on_train_end", "SIGTERM", tmp_path / "stopped")
     whole = resume(*RUN, *emulator, f"paths.log_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     first = resume(*RUN, *emulator, f"paths.log_dir={tmp_path / 'cut'}", *stopper)
@@ -445,8 +449,7 @@ def test_a_one_pass_fit_stopped_mid_epoch_saves_nothing_to_resume_from(tmp_path,
     """Ridge, knn and the Cannon keep their epoch's rows in memory and fit at its end. A checkpoint in the middle
     of that epoch would resume into a fit of the later batches alone, on fewer stars than the run was given:
     none is written, and the message says to start again."""
-    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_train_batch_end",
-               "+callbacks.stop.sig=SIGTERM", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    stopper = stop_in("on_train_batch_end", "SIGTERM", tmp_path / "stopped")
     first = resume(*RUN, f"model={model}", f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache}", *stopper)
     assert first.returncode == 143, first.stderr[-3000:]
     assert first.stderr.strip().splitlines()[-1] == "interrupted: stopped by SIGTERM"
@@ -461,8 +464,7 @@ def test_a_cannon_stopped_during_the_test_resumes_without_fitting_again(tmp_path
     again (another epoch's batch order picks other spectra for its scatter and error patterns): it tests the
     model it had, and its report is the uninterrupted run's."""
     cannon = ["model=cannon", "model.error_components=4", f"paths.cache_dir={cache}"]
-    stopper = [f"+callbacks.stop._target_={StopIn.__module__}.StopIn", "+callbacks.stop.hook=on_test_start",
-               "+callbacks.stop.sig=SIGTERM", f"+callbacks.stop.marker={tmp_path / 'stopped'}"]
+    stopper = stop_in("on_test_start", "SIGTERM", tmp_path / "stopped")
     whole = resume(*RUN, *cannon, f"paths.log_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     first = resume(*RUN, *cannon, f"paths.log_dir={tmp_path / 'cut'}", *stopper)
